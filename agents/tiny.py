@@ -32,6 +32,9 @@ from typing import Iterable, Iterator, Sequence
 
 PROTOCOL_TAGS: tuple[str, ...] = ("<search>", "</search>", "<answer>", "</answer>",
                                   "<information>", "</information>", "<think>", "</think>")
+# TreeWebAgent-v0's extra tool tags; added to an existing model by `add_tags` (the QA tags above
+# stay the only ones `build_tiny_model` adds, so a from-scratch QA warm start reproduces exactly).
+WEB_TAGS: tuple[str, ...] = ("<visit>", "</visit>", "<click>", "</click>", "<next_page>")
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
@@ -169,6 +172,44 @@ def build_tiny_model(corpus_path: str | os.PathLike, out_dir: str | os.PathLike,
     return out
 
 
+def add_tags(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
+             tags: Sequence[str] = WEB_TAGS, max_positions: int | None = None) -> Path:
+    """Copy a model with `tags` added to its tokenizer as single (non-special) tokens.
+
+    `max_positions` raises the context bound of the copy (web transcripts run longer than QA
+    ones). That is sound only for position encodings without a learned table (the tiny model's
+    RoPE); the model has still only been trained on the lengths it has seen.
+
+    The new embedding rows start at the mean of the existing ones (what transformers does with
+    `mean_resizing`), so the copy's outputs on old text are unchanged and the new tags start as
+    an "average token" rather than noise. Tags already in the vocabulary are left alone.
+    """
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    vocab = tok.get_vocab()
+    new = [AddedToken(t, special=False, normalized=False) for t in tags if t not in vocab]
+    if new:
+        import torch
+
+        tok.add_tokens(new)
+        with torch.random.fork_rng():  # mean_resizing samples the new rows: keep the copy reproducible
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tok), mean_resizing=True)
+    if max_positions:
+        if any("position" in name for name, _ in model.named_parameters()):
+            raise ValueError(f"{model_dir}: the model has learned position embeddings; its context "
+                             "cannot be raised by changing the config")
+        model.config.max_position_embeddings = int(max_positions)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def _sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -252,5 +293,5 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PROTOCOL_TAGS", "ENTITY_STYLES", "entity_tokens", "build_tiny_model", "train_tokenizer", "corpus_titles",
+__all__ = ["PROTOCOL_TAGS", "WEB_TAGS", "add_tags", "ENTITY_STYLES", "entity_tokens", "build_tiny_model", "train_tokenizer", "corpus_titles",
            "iter_corpus_texts", "cli_main"]

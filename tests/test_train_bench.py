@@ -40,9 +40,31 @@ def test_write_results(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_write_results_has_a_web_section_scored_by_f1(tmp_path):
+    web = "TreeWebAgent-v0"
+    rows = [_row("sft", "warmstart", 0.0, 0, 0.30), _row("chain", "G4", 4.0, 0, 0.40),
+            {**_row("sft", "warmstart", 0.0, 0, 0.10), "env": web, "test_f1": 0.25},
+            {**_row("chain", "G4", 4.0, 0, 0.10), "env": web, "test_f1": 0.35},
+            {**_row("tree_grpo", "M2N2L1", 4.0, 0, 0.20), "env": web, "test_f1": 0.45}]
+    meta = {"commit": "abc", "machine": "test", "quick": True, "steps": 2, "prompts": 2, "lr": 1e-4,
+            "test_n": 10, "seeds": 1}
+    md, js, png = write_results(tmp_path, rows, meta)
+    qa_part, web_part = md.read_text().split("## TreeWebAgent-v0 (test F1)")
+    assert "## TreeSearchQA-v0 (test EM)" in qa_part and "| chain | G4 | 4 | 40.0 ± 0.0 | 40.0 |" in qa_part
+    # the web table leads with F1 and shows EM next to it
+    assert "| chain | G4 | 4 | 35.0 ± 0.0 | 10.0 |" in web_part
+    assert "| tree_grpo | M2N2L1 | 4 | 45.0 ± 0.0 | 20.0 |" in web_part
+    summary = json.loads(js.read_text())["summary"]
+    assert {(s["env"], s["config"]) for s in summary} >= {(web, "M2N2L1"), ("TreeSearchQA-v0", "G4")}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_cli_rejects_bad_flags(capsys):
     from treegym.train.bench import cli_main
 
     with pytest.raises(SystemExit):
         cli_main(["--steps", "many"])
     assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["--env", "TreeChess-v0"])
+    assert "--env" in capsys.readouterr().err

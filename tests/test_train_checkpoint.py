@@ -103,6 +103,9 @@ def test_config_yaml_roundtrip_and_cli_override(tmp_path):
     ("optim:\n  lr: fast\n", "optim.lr"),
     ("algo: ppo\n", "algo"),
     ("rollout:\n  K: 1.5\n", "rollout.K"),
+    ("env: TreeChess-v0\n", "env"),
+    ("reward: accuracy\n", "reward"),
+    ("max_tool_calls: lots\n", "max_tool_calls"),
 ])
 def test_config_errors_name_the_field(tmp_path, text, field):
     p = tmp_path / "bad.yaml"
@@ -120,3 +123,7 @@ def test_config_cli_errors(capsys):
     assert "steps" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="rollout.G"):
         parse_args(["--rollout.G", "0"])
+    web = parse_args(["--env", "TreeWebAgent-v0", "--reward", "em", "--max-tool-calls", "4"])
+    assert (web.env, web.reward, web.max_tool_calls) == ("TreeWebAgent-v0", "em", 4)
+    with pytest.raises(SystemExit):
+        parse_args(["--env", "TreeChess-v0"])

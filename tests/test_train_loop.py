@@ -163,3 +163,94 @@ def test_eval_matches_env_rewards(small_world):
                                   max_new_tokens=400, temperature=1.0))
     assert "pass@3" in rand and rand["pass@3"] >= rand["em"]
 
+
+
+# -- TreeWebAgent-v0 through the same SFT, trainer and eval (issue 5's `--env`) -------------------
+
+WEB = "TreeWebAgent-v0"
+
+
+@pytest.fixture(scope="module")
+def web_sft_model(small_world, sft_model, tmp_path_factory):
+    """The QA SFT model grown into a web agent: web tags added, a short SFT on browsing paths."""
+    from treegym.train.sft import run_sft
+
+    out = tmp_path_factory.mktemp("websft") / "sft"
+    meta = run_sft(small_world, out, model_dir=sft_model, lm_steps=5, act_steps=30, batch=8,
+                   lr=1e-2, act_lr=1e-2, eval_every=0, eval_n=4, env_id=WEB, log=lambda *_: None)
+    assert meta["env"] == WEB and meta["act_steps"] == 30
+    return out
+
+
+def test_add_tags_keeps_the_model_and_adds_single_tokens(sft_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from treegym.agents.tiny import WEB_TAGS, add_tags
+
+    out = add_tags(sft_model, tmp_path / "a", max_positions=2048)
+    tok, old_tok = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(sft_model)
+    assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in WEB_TAGS)
+    assert len(tok) == len(old_tok) + len(WEB_TAGS)
+    new, old = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(sft_model)
+    assert new.config.max_position_embeddings == 2048
+    ids = torch.tensor([old_tok.encode("<search> a city </search>", add_special_tokens=False)])
+    with torch.no_grad():  # the old vocabulary's logits are unchanged
+        assert torch.allclose(new(ids).logits[..., :len(old_tok)], old(ids).logits, atol=1e-5)
+    again = add_tags(out, tmp_path / "b")  # idempotent, and the same bytes for the same input
+    assert len(AutoTokenizer.from_pretrained(again)) == len(tok)
+    assert (add_tags(sft_model, tmp_path / "c", max_positions=2048) / "model.safetensors").read_bytes() == \
+        (out / "model.safetensors").read_bytes()
+
+
+def test_web_sft_trains_on_browsing_transcripts(web_sft_model, small_world):
+    from treegym.agents.hf import HFPolicy
+    from treegym.train.evaluate import make_env
+    from treegym.train.sft import oracle_plan, oracle_transcripts
+
+    pol = HFPolicy(web_sft_model)
+    env = make_env(small_world, "train", WEB)
+    plan = oracle_plan(env, small_world)
+    tasks = list(env.unwrapped.tasks[:20])
+    acts = [plan(t) for t in tasks]
+    assert all("<visit>" in " ".join(a) and a[-1].startswith("<answer>") for a in acts)
+    assert not any("<think>" in x for a in acts for x in a)  # bare tool calls, as in the QA SFT
+    rows = oracle_transcripts(env, tasks, pol, plan)
+    assert all(sum(m) > 0 and len(ids) == len(m) for ids, m in rows)
+    meta = json.loads((web_sft_model / "sft_meta.json").read_text())
+    vocab = json.loads((web_sft_model / "config.json").read_text())["vocab_size"]
+    assert meta["act_final_loss"] < 0.6 * np.log(vocab)
+
+
+def test_trainer_runs_on_the_web_env(web_sft_model, small_world, tmp_path):
+    from treegym.train.trainer import Trainer
+
+    cfg = _cfg(web_sft_model, tmp_path, algo="tree_grpo", env=WEB, reward=None, steps=2, eval_every=2)
+    cfg.rollout.max_new_tokens = 24
+    tr = Trainer(cfg, dataset=small_world)
+    base = tr.env.unwrapped
+    assert base.spec.id.endswith(WEB) if base.spec else True
+    assert base.reward_name == "f1" and base.max_tool_calls == 5  # the web env's own defaults
+    recs = tr.train()
+    assert [r["step"] for r in recs] == [1, 2] and "dev/greedy/f1" in recs[-1]
+    assert all(abs(r["rollout_logprob_diff"]) < 1e-3 for r in recs)
+
+
+def test_web_eval_matches_env_rewards(small_world):
+    """run_episodes on TreeWebAgent-v0 reads the env's F1 reward and the answer it executed."""
+    from treegym.agents.scripted import ReplayPolicy
+    from treegym.agents.tokenizer import ByteTokenizer
+    from treegym.envs.rewards import f1_score
+    from treegym.envs.web_agent import oracle_actions
+    from treegym.train.evaluate import make_env, run_episodes
+
+    env = make_env(small_world, "test", WEB)
+    base = env.unwrapped
+    tok = ByteTokenizer()
+    for task in base.tasks[:10]:
+        acts = oracle_actions(base.site, task)
+        for answer, want in ((task.answers[0], 1.0), ("nobody knows " + task.answers[0], None)):
+            acts = acts[:-1] + [f"<answer> {answer} </answer>"]
+            policy = ReplayPolicy([tok.encode(a) for a in acts], tokenizer=tok)
+            [ep] = run_episodes(policy, env, [task], max_new_tokens=10_000)
+            assert ep.answer == answer and ep.reward == ep.f1 == f1_score(answer, task.answers)
+            assert want is None or ep.f1 == want

@@ -9,6 +9,12 @@ chain GRPO at G = 2/4/8/16, Tree-GRPO M1N2L1 / M2N2L1 / M4N2L1 with E[B] = M·(1
 tree at the chain's matched budget (G4) and at a quarter of G16. It starts from the committed warm
 start in `treegym/train/warmstart/` (rebuilt with `--from-scratch`).
 
+The web-agent rows (issue 5) run the same samplers and trainer on `TreeWebAgent-v0` (search, visit,
+click over the synthetic world rendered as a wiki), scored by token F1, the paper's web metric.
+They start from `treegym/train/warmstart_web/`: the QA warm start with the web tool tags added and
+fine-tuned on oracle browsing transcripts (`treegym sft --env TreeWebAgent-v0`). `--quick` adds a
+web chain G4 vs tree M2N2L1 pair; `--env` picks the envs of a full study.
+
 Cost is reported as it is paid: generated tokens and tool calls per prompt (what the paper's
 budget measures) *and* the wall time of rollouts and of updates separately — for a tiny model on
 CPU the update, not the rollout, dominates (../shared/REFERENCE.md).
@@ -30,6 +36,12 @@ from typing import Any, Sequence
 
 from treegym.train.sft import WARMSTART_DIR
 
+QA_ENV, WEB_ENV = "TreeSearchQA-v0", "TreeWebAgent-v0"
+WARMSTART_WEB_DIR = WARMSTART_DIR.parent / "warmstart_web"
+WARMSTARTS = {QA_ENV: WARMSTART_DIR, WEB_ENV: WARMSTART_WEB_DIR}
+# Per-env generation budget: a web action carries a URL (~20 tokens with the tiny tokenizer).
+MAX_NEW_TOKENS = {QA_ENV: 24, WEB_ENV: 32}
+HEADLINE = {QA_ENV: ("test_em", "EM"), WEB_ENV: ("test_f1", "F1")}  # the paper's metric per setting
 REPO_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
@@ -55,6 +67,7 @@ def tree_arm(M: int, N: int = 2, L: int = 1, method: str = "tree_grpo", advantag
 
 
 QUICK_ARMS = (chain_arm(4), chain_arm(16), tree_arm(2))
+WEB_QUICK_ARMS = (chain_arm(4), tree_arm(2))  # the web row: matched budget
 FULL_ARMS = (chain_arm(2), chain_arm(4), chain_arm(8), chain_arm(16), tree_arm(1), tree_arm(2), tree_arm(4))
 ABLATION_ARMS = (tree_arm(2, method="tree_grpo_token", granularity="token"),
                  tree_arm(2, method="tree_grpo_inter", advantage="tree_grpo_inter"),
@@ -78,40 +91,63 @@ def _machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
 
 
-def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any) -> Path:
-    """The committed warm start (hash-checked), or a fresh SFT run when asked or when missing."""
-    meta_path = WARMSTART_DIR / "sft_meta.json"
-    if not from_scratch and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        weights = WARMSTART_DIR / "model.safetensors"
-        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        if digest != meta.get("model_sha256"):
-            raise RuntimeError(f"{weights} does not match its recorded sha256 in {meta_path}; "
-                               f"rebuild it with `treegym bench --from-scratch`")
-        log(f"warm start: {WARMSTART_DIR} (sha256 {digest[:12]}, built by: {meta.get('command')})")
-        return WARMSTART_DIR
+def _committed(env_id: str, log: Any) -> Path | None:
+    """The committed warm start of `env_id` after checking its sha256, or None when absent."""
+    where = WARMSTARTS[env_id]
+    meta_path = where / "sft_meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    weights = where / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != meta.get("model_sha256"):
+        raise RuntimeError(f"{weights} does not match its recorded sha256 in {meta_path}; "
+                           f"rebuild it with `treegym bench --from-scratch`")
+    log(f"warm start ({env_id}): {where} (sha256 {digest[:12]}, built by: {meta.get('command')})")
+    return where
+
+
+def _replan(env_id: str, sft_kwargs: dict) -> dict:
+    """Repeat the committed run of `env_id`: same plan, cut at the same steps."""
+    meta_path = WARMSTARTS[env_id] / "sft_meta.json"
+    if not meta_path.is_file():
+        return sft_kwargs
+    meta = json.loads(meta_path.read_text())
+    return {**sft_kwargs, "lm_steps": meta["lm_steps_planned"], "act_steps": meta["act_steps_planned"],
+            "lm_stop": meta.get("lm_steps"), "act_stop": meta.get("act_steps", 0),
+            "batch": meta["batch"], "lr": meta["lr"], "seed": meta["seed"]}
+
+
+def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
+               env_id: str = QA_ENV, qa_start: Path | None = None) -> Path:
+    """The committed warm start of `env_id` (hash-checked), or a fresh SFT run when asked or when
+    missing. The web warm start grows from the QA one (`qa_start`, else the QA warm start)."""
     if not from_scratch:
-        log(f"no committed warm start in {WARMSTART_DIR}: building one (this takes a while)")
+        found = _committed(env_id, log)
+        if found is not None:
+            return found
+        log(f"no committed warm start in {WARMSTARTS[env_id]}: building one (this takes a while)")
     from treegym.envs.data import resolve_dataset
     from treegym.train.sft import run_sft
 
-    if meta_path.is_file():  # repeat the committed run: same plan, cut at the same steps
-        meta = json.loads(meta_path.read_text())
-        sft_kwargs = {**sft_kwargs, "lm_steps": meta["lm_steps_planned"], "act_steps": meta["act_steps_planned"],
-                      "lm_stop": meta.get("lm_steps"), "act_stop": meta.get("act_steps", 0),
-                      "batch": meta["batch"], "lr": meta["lr"], "seed": meta["seed"]}
-    target = out / "sft"
-    run_sft(resolve_dataset("synthetic"), target, log=log, **sft_kwargs)
+    base = None
+    if env_id == WEB_ENV:
+        base = qa_start or warm_start(out, from_scratch=from_scratch, log=log, sft_kwargs=sft_kwargs)
+    target = out / ("sft" if env_id == QA_ENV else "sft_web")
+    run_sft(resolve_dataset("synthetic"), target, log=log, model_dir=base, env_id=env_id,
+            **_replan(env_id, sft_kwargs))
     return target
 
 
 def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prompts: int,
-            lr: float, minibatch_prompts: int = 2, test_n: int, threads: int, max_new_tokens: int, log: Any) -> dict:
+            lr: float, minibatch_prompts: int = 2, test_n: int, threads: int, max_new_tokens: int, log: Any,
+            env_id: str = QA_ENV) -> dict:
     from treegym.train.config import TrainConfig
-    from treegym.train.evaluate import evaluate, make_env, select_tasks
     from treegym.train.trainer import Trainer
 
-    cfg = TrainConfig(model=str(model_dir), data="synthetic", out=str(out / f"{arm.method}-{arm.config}-s{seed}"),
+    tag = "" if env_id == QA_ENV else "web-"
+    cfg = TrainConfig(model=str(model_dir), env=env_id, data="synthetic",
+                      out=str(out / f"{tag}{arm.method}-{arm.config}-s{seed}"),
                       algo=arm.algo, advantage=arm.advantage, steps=steps, prompts_per_step=prompts,
                       minibatch_prompts=minibatch_prompts, seed=seed, eval_every=0, save_every=10 ** 9,
                       keep_checkpoints=1, save_trees_every=max(1, steps), threads=threads,
@@ -124,16 +160,13 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
     trainer = Trainer(cfg, log=log)
     records = trainer.train()
     train_wall = time.perf_counter() - t0
-    env = make_env("synthetic", "test")
-    tasks = select_tasks(env, test_n, seed=0)
-    m = evaluate(trainer.policy, env, tasks, max_new_tokens=max_new_tokens, seed=0)
+    m = test_metrics(trainer.policy, env_id, test_n, max_new_tokens)
 
     def mean(key: str) -> float:
         return float(statistics.fmean(r[key] for r in records)) if records else 0.0
 
-    return {"method": arm.method, "config": arm.config, "budget": arm.budget, "seed": seed,
-            "test_em": m["greedy/em"], "test_f1": m["greedy/f1"],
-            "test_em_by_kind": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("greedy/em/")},
+    return {"env": env_id, "method": arm.method, "config": arm.config, "budget": arm.budget, "seed": seed,
+            **_test_fields(m),
             "tokens_per_prompt": mean("tokens_per_prompt"),
             "tool_calls_per_prompt": mean("tool_calls_per_prompt"),
             "leaves_per_prompt": mean("leaves_per_prompt"),
@@ -143,16 +176,31 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
             "wall_s": train_wall, "steps": steps}
 
 
+def test_metrics(policy: Any, env_id: str, test_n: int, max_new_tokens: int) -> dict:
+    """Greedy metrics on the same `test_n` test tasks (seeded choice) for every arm of an env."""
+    from treegym.train.evaluate import evaluate, make_env, select_tasks
+
+    env = make_env("synthetic", "test", env_id)
+    tasks = select_tasks(env, test_n, seed=0)
+    return evaluate(policy, env, tasks, max_new_tokens=max_new_tokens, seed=0)
+
+
+def _test_fields(m: dict) -> dict:
+    return {"test_em": m["greedy/em"], "test_f1": m["greedy/f1"], "test_n": int(m["greedy/episodes"]),
+            "test_em_by_kind": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("greedy/em/")}}
+
+
 def _agg(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["config"], r["budget"]), []).append(r)
+        groups.setdefault((r.get("env", QA_ENV), r["method"], r["config"], r["budget"]), []).append(r)
     out = []
-    for (method, config, budget), rs in groups.items():
+    for (env_id, method, config, budget), rs in groups.items():
         ems = [r["test_em"] for r in rs]
-        out.append({"method": method, "config": config, "budget": budget, "n": len(rs),
+        f1s = [r["test_f1"] for r in rs]
+        out.append({"env": env_id, "method": method, "config": config, "budget": budget, "n": len(rs),
                     "em_mean": statistics.fmean(ems), "em_std": statistics.stdev(ems) if len(ems) > 1 else 0.0,
-                    "f1_mean": statistics.fmean(r["test_f1"] for r in rs),
+                    "f1_mean": statistics.fmean(f1s), "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
                     **{k: statistics.fmean(r[k] for r in rs) for k in
                        ("tokens_per_prompt", "tool_calls_per_prompt", "rollout_s", "update_s", "wall_s")}})
     return out
@@ -162,17 +210,27 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> tuple[Path, Path, 
     agg = _agg(rows)
     lines = [f"# treegym bench{' --quick' if meta.get('quick') else ''}", "",
              f"commit `{meta['commit']}` · {meta['machine']} · {meta['steps']} RL steps × "
-             f"{meta['prompts']} prompts · lr {meta['lr']} · test EM on {meta['test_n']} test tasks (greedy) · "
-             f"seeds {meta['seeds']}", "",
-             "| method | config | budget (chains/prompt) | test EM (mean ± std) | test F1 | tokens/prompt | "
-             "tool calls/prompt | rollout s | update s | seeds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for a in sorted(agg, key=lambda a: (a["method"] != "sft", a["method"], a["budget"])):
-        lines.append(f"| {a['method']} | {a['config']} | {a['budget']:g} | {100 * a['em_mean']:.1f} ± "
-                     f"{100 * a['em_std']:.1f} | {100 * a['f1_mean']:.1f} | {a['tokens_per_prompt']:.0f} | "
-                     f"{a['tool_calls_per_prompt']:.2f} | {a['rollout_s']:.0f} | {a['update_s']:.0f} | {a['n']} |")
-    lines += ["", "Budget = expected chains per prompt: chain G, tree M·(1+N·L/2). tokens/prompt and tool "
-              "calls/prompt are measured per RL step (generated tokens, executed searches); rollout s and "
+             f"{meta['prompts']} prompts · lr {meta['lr']} · greedy on {meta['test_n']} test tasks · "
+             f"seeds {meta['seeds']}", ""]
+    envs = list(dict.fromkeys(a["env"] for a in agg))
+    for env_id in envs:
+        key, name = HEADLINE[env_id]
+        other = "F1" if name == "EM" else "EM"
+        if len(envs) > 1 or env_id != QA_ENV:
+            lines += [f"## {env_id} (test {name})", ""]
+        lines += [f"| method | config | budget (chains/prompt) | test {name} (mean ± std) | test {other} | "
+                  "tokens/prompt | tool calls/prompt | rollout s | update s | seeds |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for a in sorted((a for a in agg if a["env"] == env_id),
+                        key=lambda a: (a["method"] != "sft", a["method"], a["budget"])):
+            head, std, oth = ((a["em_mean"], a["em_std"], a["f1_mean"]) if name == "EM"
+                              else (a["f1_mean"], a["f1_std"], a["em_mean"]))
+            lines.append(f"| {a['method']} | {a['config']} | {a['budget']:g} | {100 * head:.1f} ± "
+                         f"{100 * std:.1f} | {100 * oth:.1f} | {a['tokens_per_prompt']:.0f} | "
+                         f"{a['tool_calls_per_prompt']:.2f} | {a['rollout_s']:.0f} | {a['update_s']:.0f} | {a['n']} |")
+        lines.append("")
+    lines += ["Budget = expected chains per prompt: chain G, tree M·(1+N·L/2). tokens/prompt and tool "
+              "calls/prompt are measured per RL step (generated tokens, executed tool calls); rollout s and "
               "update s are summed over the run's steps.", ""]
     md = out / "results.md"
     md.write_text("\n".join(lines))
@@ -189,19 +247,25 @@ def _plot(agg: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({a["method"] for a in agg} - {"sft"}):
-        pts = sorted((a["budget"], a["em_mean"], a["em_std"]) for a in agg if a["method"] == method)
-        xs, ys, es = zip(*pts)
-        ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=method)
-    for a in agg:
-        if a["method"] == "sft":
-            ax.axhline(100 * a["em_mean"], color="gray", linestyle="--", label="SFT start")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rollout budget (expected chains per prompt)")
-    ax.set_ylabel("test EM (%)")
-    ax.set_title("chain GRPO vs Tree-GRPO (tiny model, synthetic world)", fontsize=10)
-    ax.legend()
+    envs = list(dict.fromkeys(a["env"] for a in agg))
+    fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4), squeeze=False)
+    for ax, env_id in zip(axes[0], envs):
+        _, name = HEADLINE[env_id]
+        mean, std = ("em_mean", "em_std") if name == "EM" else ("f1_mean", "f1_std")
+        rows = [a for a in agg if a["env"] == env_id]
+        for method in sorted({a["method"] for a in rows} - {"sft"}):
+            pts = sorted((a["budget"], a[mean], a[std]) for a in rows if a["method"] == method)
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3,
+                        label=method)
+        for a in rows:
+            if a["method"] == "sft":
+                ax.axhline(100 * a[mean], color="gray", linestyle="--", label="SFT start")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rollout budget (expected chains per prompt)")
+        ax.set_ylabel(f"test {name} (%)")
+        ax.set_title(f"chain GRPO vs Tree-GRPO: {env_id} (tiny model)", fontsize=10)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -226,7 +290,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--minibatch-prompts", type=int, default=2)
     p.add_argument("--test-n", type=int, default=None, help="test tasks for EM (default 400 quick / 800)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="per generation (default: QA 24, web 32 — a web action carries a URL)")
+    p.add_argument("--env", nargs="+", choices=(QA_ENV, WEB_ENV), default=None,
+                   help=f"envs to study (default: both with --quick — the web row is chain G4 vs tree "
+                        f"M2N2L1 — and {QA_ENV} only for the full study)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-repo-json", action="store_true", help="do not write benchmarks/results/bench_*.json")
     a = p.parse_args(list(argv) if argv is not None else None)
@@ -237,7 +305,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     steps = a.steps or (12 if a.quick else 30)
     prompts = a.prompts or 8
     test_n = a.test_n or (400 if a.quick else 800)
-    arms = list(QUICK_ARMS if a.quick else FULL_ARMS) + (list(ABLATION_ARMS) if a.ablations else [])
+    envs = list(dict.fromkeys(a.env or ([QA_ENV, WEB_ENV] if a.quick else [QA_ENV])))
+    extra = list(ABLATION_ARMS) if a.ablations else []
+    arms = {QA_ENV: list(QUICK_ARMS if a.quick else FULL_ARMS) + extra,
+            WEB_ENV: list(WEB_QUICK_ARMS if a.quick else FULL_ARMS) + extra}
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -245,46 +316,54 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-    model_dir = a.warmstart or warm_start(out, from_scratch=a.from_scratch, log=log,
-                                          sft_kwargs=dict(lm_steps=2400, act_steps=600, batch=8,
-                                                          lr=2e-3, eval_every=300, eval_n=50, seed=0))
-    from treegym.train.evaluate import evaluate, make_env, select_tasks
     from treegym.agents.hf import HFPolicy
 
-    env = make_env("synthetic", "test")
-    tasks = select_tasks(env, test_n, seed=0)
-    t0 = time.perf_counter()
-    m = evaluate(HFPolicy(model_dir), env, tasks, max_new_tokens=a.max_new_tokens, seed=0)
-    rows = [{"method": "sft", "config": "warmstart", "budget": 0.0, "seed": 0, "test_em": m["greedy/em"],
-             "test_f1": m["greedy/f1"], "tokens_per_prompt": 0.0, "tool_calls_per_prompt": 0.0,
-             "rollout_s": 0.0, "update_s": 0.0, "wall_s": time.perf_counter() - t0,
-             "test_em_by_kind": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("greedy/em/")}}]
-    log(f"SFT start: test EM {m['greedy/em']:.3f} on {len(tasks)} tasks")
+    sft_kwargs = dict(lm_steps=2400, act_steps=600, batch=8, lr=2e-3, eval_every=300, eval_n=50, seed=0)
+    starts: dict[str, Path] = {}
+    rows: list[dict] = []
+    for env_id in envs:
+        if a.warmstart and env_id == QA_ENV:
+            starts[env_id] = a.warmstart
+        else:
+            starts[env_id] = warm_start(out, from_scratch=a.from_scratch, log=log, sft_kwargs=sft_kwargs,
+                                        env_id=env_id, qa_start=starts.get(QA_ENV) or a.warmstart)
+        t0 = time.perf_counter()
+        m = test_metrics(HFPolicy(starts[env_id]), env_id, test_n, a.max_new_tokens or MAX_NEW_TOKENS[env_id])
+        rows.append({"env": env_id, "method": "sft", "config": "warmstart", "budget": 0.0, "seed": 0,
+                     **_test_fields(m), "tokens_per_prompt": 0.0, "tool_calls_per_prompt": 0.0,
+                     "rollout_s": 0.0, "update_s": 0.0, "wall_s": time.perf_counter() - t0})
+        log(f"SFT start ({env_id}): test EM {m['greedy/em']:.3f}, F1 {m['greedy/f1']:.3f} "
+            f"on {int(m['greedy/episodes'])} tasks")
     for seed in range(seeds):
-        for arm in arms:
-            log(f"run {arm.method} {arm.config} (budget {arm.budget:g}) seed {seed}: {steps} steps × {prompts} prompts")
-            row = run_arm(arm, seed, model_dir, out, steps=steps, prompts=prompts, lr=a.lr,
-                          minibatch_prompts=a.minibatch_prompts, test_n=test_n,
-                          threads=a.threads, max_new_tokens=a.max_new_tokens, log=log)
-            log(f"  -> test EM {row['test_em']:.3f}, {row['tokens_per_prompt']:.0f} tokens/prompt, "
-                f"rollout {row['rollout_s']:.0f}s, update {row['update_s']:.0f}s")
-            rows.append(row)
-            meta = {"commit": _git_commit(), "machine": _machine(), "quick": a.quick, "steps": steps,
-                    "prompts": prompts, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts,
-                    "test_n": len(tasks), "seeds": seeds,
-                    "warmstart": str(model_dir), "wall_s": time.perf_counter() - t_start}
-            md, js, png = write_results(out, rows, meta)  # after every run: partial results survive
+        for env_id in envs:
+            for arm in arms[env_id]:
+                log(f"run {env_id} {arm.method} {arm.config} (budget {arm.budget:g}) seed {seed}: "
+                    f"{steps} steps × {prompts} prompts")
+                row = run_arm(arm, seed, starts[env_id], out, steps=steps, prompts=prompts, lr=a.lr,
+                              minibatch_prompts=a.minibatch_prompts, test_n=test_n, threads=a.threads,
+                              max_new_tokens=a.max_new_tokens or MAX_NEW_TOKENS[env_id], log=log,
+                              env_id=env_id)
+                log(f"  -> test EM {row['test_em']:.3f}, F1 {row['test_f1']:.3f}, "
+                    f"{row['tokens_per_prompt']:.0f} tokens/prompt, rollout {row['rollout_s']:.0f}s, "
+                    f"update {row['update_s']:.0f}s")
+                rows.append(row)
+                meta = {"commit": _git_commit(), "machine": _machine(), "quick": a.quick, "steps": steps,
+                        "prompts": prompts, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts,
+                        "test_n": test_n, "seeds": seeds, "envs": envs,
+                        "warmstarts": {k: str(v) for k, v in starts.items()},
+                        "wall_s": time.perf_counter() - t_start}
+                md, js, png = write_results(out, rows, meta)  # after every run: partial results survive
     if not a.no_repo_json and REPO_RESULTS.parent.is_dir():
         REPO_RESULTS.mkdir(exist_ok=True)
         name = "bench_quick.json" if a.quick else "bench_full.json"
-        keep = ("method", "config", "budget", "seed", "test_em", "test_f1", "tokens_per_prompt",
+        keep = ("env", "method", "config", "budget", "seed", "test_em", "test_f1", "tokens_per_prompt",
                 "tool_calls_per_prompt", "wall_s", "rollout_s", "update_s")
         (REPO_RESULTS / name).write_text(json.dumps(
             {"commit": meta["commit"], "machine": meta["machine"], "steps": steps, "prompts": prompts,
-             "lr": a.lr, "test_n": len(tasks), "rows": [{k: r.get(k) for k in keep} for r in rows]}, indent=1))
+             "lr": a.lr, "test_n": test_n, "rows": [{k: r.get(k) for k in keep} for r in rows]}, indent=1))
     print(md.read_text())
     print(f"plot: {png.resolve()}\nresults: {js.resolve()}")
     return 0
 
 
-__all__ = ["Arm", "QUICK_ARMS", "FULL_ARMS", "ABLATION_ARMS", "run_arm", "write_results", "cli_main"]
+__all__ = ["Arm", "QUICK_ARMS", "WEB_QUICK_ARMS", "WARMSTART_WEB_DIR", "warm_start", "test_metrics", "FULL_ARMS", "ABLATION_ARMS", "run_arm", "write_results", "cli_main"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 Algo = Literal["grpo", "tree_grpo", "treerl", "gigpo"]
+EnvId = Literal["TreeSearchQA-v0", "TreeWebAgent-v0"]
 
 
 class ConfigError(ValueError):
@@ -66,7 +67,9 @@ class TrainConfig:
     """RL training run (`treegym train`)."""
 
     model: str = ""                       # Hugging Face model directory (e.g. the SFT warm start)
+    env: EnvId = "TreeSearchQA-v0"        # the environment RL runs in (the same samplers for both)
     data: str = "synthetic:multihop"      # anything `resolve_dataset` accepts
+    site: str = "synthetic"               # TreeWebAgent-v0 only: "synthetic" or a folder of HTML files
     out: str = "runs/train"               # run directory (config, metrics, trees, checkpoints)
     algo: Algo = "tree_grpo"
     advantage: str = ""                   # advantage estimator; "" = the algo's own
@@ -77,8 +80,8 @@ class TrainConfig:
     seed: int = 0
     retriever: str = "bm25"
     topk: int = 3
-    max_tool_calls: int = 3
-    reward: str = "em"
+    max_tool_calls: int | None = None     # None = the env's default (QA 3, Search-R1; web 5, Tree-GRPO)
+    reward: Literal["em", "f1", "format_em"] | None = None  # None = the env's default (QA em, web f1)
     eval_every: int = 0                   # steps between dev evals (0 = only at the end)
     eval_tasks: int = 64                  # dev tasks per eval (0 = all)
     save_every: int = 10                  # steps between checkpoints (the last step always saves)
@@ -199,6 +202,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     checks = [
         ("steps", cfg.steps >= 0), ("prompts_per_step", cfg.prompts_per_step > 0),
         ("minibatch_prompts", cfg.minibatch_prompts > 0), ("epochs", cfg.epochs > 0),
+        ("max_tool_calls", cfg.max_tool_calls is None or cfg.max_tool_calls >= 0),
         ("rollout.G", cfg.rollout.G > 0), ("rollout.M", cfg.rollout.M > 0),
         ("rollout.N", cfg.rollout.N >= 0), ("rollout.L", cfg.rollout.L >= 0),
         ("rollout.K", cfg.rollout.K is None or cfg.rollout.K > 0), ("rollout.T", cfg.rollout.T > 0),

@@ -44,12 +44,14 @@ class Episode:
     transcript: str = field(default="", repr=False)
 
 
-def _answer_of(state: Any) -> str | None:
+def _answer_of(env: Any, state: Any) -> str | None:
+    """The answer the env executed (parsed with the env's own action parser)."""
     from treegym.envs.protocol import parse_action
 
+    parse = getattr(env, "_parse", parse_action)
     for step in reversed(state.steps):
         if step.tool == "answer":
-            return parse_action(step.action).argument
+            return parse(step.action).argument
     return None
 
 
@@ -65,7 +67,8 @@ def run_episodes(policy: Any, env: Any, tasks: Sequence[Any], *, samples: int = 
                  seed: int = 0, keep_transcripts: bool = False) -> list[Episode]:
     """Run `samples` episodes per task, all live episodes batched into one generate call per turn.
 
-    `env` is any TreeSearchQA env (wrapped or not); each episode runs on its own fork.
+    `env` is any treegym tool env (TreeSearchQA-v0 or TreeWebAgent-v0, wrapped or not); each
+    episode runs on its own fork.
     Returns episodes in (task, sample) order.
     """
     from treegym import fork
@@ -106,7 +109,7 @@ def run_episodes(policy: Any, env: Any, tasks: Sequence[Any], *, samples: int = 
     out = []
     for ep in done:
         st = ep["env"].unwrapped.state
-        ans = _answer_of(st)
+        ans = _answer_of(ep["env"].unwrapped, st)
         golds = ep["task"].answers
         out.append(Episode(task_id=ep["task"].id, kind=ep["task"].kind, answer=ans,
                            em=exact_match(ans, golds) if ans is not None else 0.0,
@@ -157,12 +160,27 @@ def evaluate(policy: Any, env: Any, tasks: Sequence[Any], *, k: int = 0, tempera
     return out
 
 
-def make_env(data: Any, split: str, **kwargs: Any) -> Any:
+ENV_IDS: tuple[str, ...] = ("TreeSearchQA-v0", "TreeWebAgent-v0")
+
+
+def make_env(data: Any, split: str, env_id: str = "TreeSearchQA-v0", *, site: Any = "synthetic",
+             **kwargs: Any) -> Any:
+    """`gym.make(env_id, ...)` for a split of `data`, the one place train/eval/bench/sft build envs.
+
+    Keyword arguments that are None are left out, so each env keeps its own default (the web env
+    defaults to 5 tool calls and token-F1 reward, the QA env to 3 and EM). `site` is used by
+    TreeWebAgent-v0 only ("synthetic" renders the world of `data` as a wiki).
+    """
     import gymnasium as gym
 
     import treegym  # noqa: F401  (registers the envs)
 
-    return gym.make("TreeSearchQA-v0", data=data, split=split, **kwargs)
+    if env_id not in ENV_IDS:
+        raise ValueError(f"unknown env {env_id!r}; expected one of {', '.join(ENV_IDS)}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if env_id == "TreeWebAgent-v0":
+        kwargs["site"] = site
+    return gym.make(env_id, data=data, split=split, **kwargs)
 
 
 def select_tasks(env: Any, n: int = 0, seed: int = 0) -> list[Any]:
@@ -185,7 +203,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=0, help="sampled episodes per task for pass@k (0 = greedy only)")
     p.add_argument("--temperature", type=float, default=1.0, help="for the sampled episodes")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-tool-calls", type=int, default=3)
+    p.add_argument("--env", default="TreeSearchQA-v0", choices=ENV_IDS, help="which env to evaluate on")
+    p.add_argument("--site", default="synthetic", help="TreeWebAgent-v0's site: 'synthetic' or a folder of HTML files")
+    p.add_argument("--max-tool-calls", type=int, default=None, help="default: the env's own (QA 3, web 5)")
+    p.add_argument("--reward", default=None, help="em | f1 | format_em (default: the env's own: QA em, web f1)")
     p.add_argument("--retriever", default="bm25")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -199,7 +220,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     try:
         policy = HFPolicy(a.model)
-        env = make_env(a.data, a.split, retriever=a.retriever, max_tool_calls=a.max_tool_calls)
+        env = make_env(a.data, a.split, a.env, site=a.site, retriever=a.retriever,
+                       max_tool_calls=a.max_tool_calls, reward=a.reward)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"treegym eval: {e}", file=sys.stderr)
         return 2
@@ -215,4 +237,4 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Episode", "run_episodes", "summarize", "evaluate", "make_env", "select_tasks", "cli_main"]
+__all__ = ["ENV_IDS", "Episode", "run_episodes", "summarize", "evaluate", "make_env", "select_tasks", "cli_main"]

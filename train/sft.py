@@ -32,21 +32,45 @@ from typing import Any, Sequence
 WARMSTART_DIR = Path(__file__).resolve().parent / "warmstart"
 
 
-def oracle_transcripts(env: Any, tasks: Sequence[Any], policy: Any, oracle: Any
+def oracle_plan(env: Any, dataset: Any) -> Any:
+    """task -> the oracle's actions in `env`: for TreeSearchQA-v0 one `<search>` per gold hop then
+    the answer; for TreeWebAgent-v0 the gold browsing path (`web_agent.oracle_actions`: search,
+    visit, click along the links, answer). The web oracle's `<think>` sentences are dropped so both
+    envs' transcripts teach bare tool calls (the tiny model's action budget is ~30 tokens)."""
+    import re
+
+    base = env.unwrapped
+    max_calls = int(base.max_tool_calls)
+    if getattr(base, "site", None) is not None:
+        from treegym.envs.web_agent import oracle_actions
+
+        def web(task: Any) -> list[str]:
+            acts = [re.sub(r"<think>.*?</think>\s*", "", a, flags=re.S) for a in oracle_actions(base.site, task)]
+            return acts[:max_calls] + acts[-1:] if len(acts) > max_calls + 1 else acts
+        return web
+    from treegym.agents.scripted import OraclePolicy
+
+    oracle = OraclePolicy(dataset, max_searches=max_calls)
+
+    def qa(task: Any) -> list[str]:
+        hops = oracle.hops(task)[:max_calls]
+        return [f"<search> {h} </search>" for h in hops] + [f"<answer> {task.answers[0]} </answer>"]
+    return qa
+
+
+def oracle_transcripts(env: Any, tasks: Sequence[Any], policy: Any, plan: Any
                        ) -> list[tuple[list[int], list[int]]]:
-    """(ids, action_mask) of one oracle episode per task, tokenized segment by segment."""
+    """(ids, action_mask) of one oracle episode per task, tokenized segment by segment;
+    `plan(task)` gives the actions (`oracle_plan`)."""
     from treegym import fork
 
-    max_calls = int(env.unwrapped.max_tool_calls)
     out = []
     for task in tasks:
         e = fork(env)
         obs, _ = e.reset(options={"task_id": task.id})
         ids = list(policy.encode_prompt(obs))
         mask = [0] * len(ids)
-        hops = oracle.hops(task)[:max_calls]
-        actions = [f"<search> {h} </search>" for h in hops] + [f"<answer> {task.answers[0]} </answer>"]
-        for act in actions:
+        for act in plan(task):
             obs, reward, term, trunc, _ = e.step(act)
             a = policy.encode(act)
             ids += a
@@ -127,20 +151,24 @@ def selected_lm_loss(model: Any, ids: Any, att: Any, labels: Any) -> Any:
 
 def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps: int = 2000,
             act_steps: int = 500, batch: int = 16, lr: float = 2e-3, act_lr: float | None = None,
-            passages_frac: float = 0.2, max_tool_calls: int = 3, eval_every: int = 250,
+            passages_frac: float = 0.2, max_tool_calls: int | None = None, eval_every: int = 250,
             eval_n: int = 100, seed: int = 0, max_minutes: float = 0.0, n_layer: int = 2,
             d_model: int = 128, n_head: int = 4, log: Any = print, command: str = "",
-            lm_stop: int | None = None, act_stop: int | None = None) -> dict:
+            lm_stop: int | None = None, act_stop: int | None = None,
+            env_id: str = "TreeSearchQA-v0") -> dict:
     """Build/load the model, write transcripts, train both phases, save `out`; returns the meta.
 
     `lm_stop` / `act_stop` end a phase early at that step while keeping the learning-rate schedule
     of the planned `lm_steps` / `act_steps`: that is how `treegym bench --from-scratch` repeats a
     committed warm start whose run was cut by `max_minutes`.
+
+    `env_id="TreeWebAgent-v0"` trains on the web env's oracle browsing transcripts; a `model_dir`
+    whose tokenizer lacks the web tool tags gets them first (`agents.tiny.add_tags`, into
+    `out/init`), which is how the web warm start is grown from the QA one.
     """
     import torch
 
     from treegym.agents.hf import HFPolicy
-    from treegym.agents.scripted import OraclePolicy
     from treegym.train.evaluate import evaluate, make_env, select_tasks
     from treegym.train.modeling import warmup_lambda
 
@@ -160,21 +188,29 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
                          n_layer=n_layer, d_model=d_model, n_head=n_head, seed=seed,
                          max_position_embeddings=1024)
         log(f"built tiny model in {model_dir}")
+    if env_id == "TreeWebAgent-v0":
+        from transformers import AutoTokenizer
+
+        from treegym.agents.tiny import WEB_TAGS, add_tags
+
+        if not set(WEB_TAGS) <= set(AutoTokenizer.from_pretrained(model_dir).get_vocab()):
+            # Five browsing turns run past the QA model's 1,024 positions (RoPE: no table to grow).
+            model_dir = add_tags(model_dir, out / "init", WEB_TAGS, max_positions=2048)
+            log(f"added the web tool tags {' '.join(WEB_TAGS)} to the tokenizer: {model_dir}")
     policy = HFPolicy(model_dir)
     model = policy.model
     tok = policy.tokenizer
-    env = make_env(dataset, "train", max_tool_calls=max_tool_calls)
-    dev_env = make_env(dataset, "dev", max_tool_calls=max_tool_calls)
+    env = make_env(dataset, "train", env_id, max_tool_calls=max_tool_calls)
+    dev_env = make_env(dataset, "dev", env_id, max_tool_calls=max_tool_calls)
     dev_tasks = select_tasks(dev_env, eval_n, seed=seed)
-    oracle = OraclePolicy(dataset, max_searches=max_tool_calls)
     t0 = time.perf_counter()
-    transcripts = oracle_transcripts(env, dataset.tasks("train"), policy, oracle)
+    transcripts = oracle_transcripts(env, dataset.tasks("train"), policy, oracle_plan(env, dataset))
     passages = [(p, [0] * len(p)) for p in passage_texts(dataset, policy, seed=seed)]
     lens = [len(t[0]) for t in transcripts]
     log(f"{len(transcripts)} oracle transcripts (mean {sum(lens) / len(lens):.0f} tokens, "
         f"max {max(lens)}), {len(passages)} passage blocks in {time.perf_counter() - t0:.1f}s")
     params = sum(p.numel() for p in model.parameters())
-    meta: dict[str, Any] = {"command": command, "params": params, "seed": seed, "batch": batch,
+    meta: dict[str, Any] = {"command": command, "env": env_id, "params": params, "seed": seed, "batch": batch,
                             "lr": lr, "lm_steps_planned": lm_steps, "act_steps_planned": act_steps,
                             "mean_transcript_tokens": sum(lens) / len(lens), "evals": []}
     rng = random.Random(seed)
@@ -186,7 +222,7 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
         m = evaluate(policy, dev_env, dev_tasks, max_new_tokens=32, seed=seed)
         model.train()
         rec = {"phase": phase, "step": step, "elapsed_s": round(time.perf_counter() - t_start, 1),
-               "dev_em": m["greedy/em"], "dev_tool_calls": m["greedy/tool_calls"],
+               "dev_em": m["greedy/em"], "dev_f1": m["greedy/f1"], "dev_tool_calls": m["greedy/tool_calls"],
                "dev_invalid": m["greedy/invalid_actions"],
                **{k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("greedy/em/")}}
         meta["evals"].append(rec)
@@ -310,7 +346,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--act-lr", type=float, default=None)
     p.add_argument("--passages-frac", type=float, default=0.2)
-    p.add_argument("--max-tool-calls", type=int, default=3)
+    p.add_argument("--env", default="TreeSearchQA-v0", choices=("TreeSearchQA-v0", "TreeWebAgent-v0"),
+                   help="whose oracle transcripts to train on (web: search/visit/click paths)")
+    p.add_argument("--max-tool-calls", type=int, default=None, help="default: the env's own (QA 3, web 5)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--n-layer", type=int, default=2)
@@ -335,11 +373,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                    batch=a.batch, lr=a.lr, act_lr=a.act_lr, passages_frac=a.passages_frac,
                    max_tool_calls=a.max_tool_calls, eval_every=a.eval_every, eval_n=a.eval_n,
                    seed=a.seed, max_minutes=a.max_minutes, n_layer=a.n_layer, d_model=a.d_model,
-                   n_head=a.n_head, command=command)
+                   n_head=a.n_head, command=command, env_id=a.env)
     print(f"wrote {a.out}: dev EM {meta['dev_em']:.3f} after {meta['wall_s']:.0f}s "
           f"({meta.get('lm_steps', 0)} LM + {meta.get('act_steps', 0)} action steps)")
     return 0
 
 
-__all__ = ["oracle_transcripts", "passage_texts", "run_sft", "install_warmstart", "cli_main",
+__all__ = ["oracle_plan", "oracle_transcripts", "passage_texts", "run_sft", "install_warmstart", "cli_main",
            "WARMSTART_DIR"]

@@ -111,6 +111,7 @@ class Trainer:
         data = dataset if dataset is not None else self.cfg.data
         env_kw = dict(retriever=self.cfg.retriever, topk=self.cfg.topk,
                       max_tool_calls=self.cfg.max_tool_calls, reward=self.cfg.reward)
+        env_kw = dict(env_kw, env_id=self.cfg.env, site=self.cfg.site)
         self.env = make_env(data, "train", **env_kw)
         self._dev_env_args = (data, env_kw)
         self._dev_env = None
@@ -163,7 +164,7 @@ class Trainer:
 
         r = self.cfg.rollout
         gen = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                   max_turns=self.cfg.max_tool_calls + 2)
+                   max_turns=int(self.env.unwrapped.max_tool_calls) + 2)
         seed = _derive(self.cfg.seed, "rollout", self.step)
         self.model.eval()
         with torch.no_grad():

@@ -10,7 +10,9 @@ Protocol (Search-R1 conventions, same parser as the QA env, `protocol.parse_acti
   fact-free summaries, so answers come from reading pages, not from the result list.
 - `<visit> url </visit>`: open a page of the site (absolute `/wiki/x.html`, relative to the
   current page, or `http://site.local/...`).
-- `<click> n </click>`: open link `n` of the current page (pages write links as `[text][n]`).
+- `<click> n </click>`: open link `n` of what is on screen: link `[text][n]` of the current page,
+  or, right after a search, result `Doc n` (a results page is a page of links, as in a browser;
+  it also spares an agent copying a URL it was just shown).
 - `<next_page>`: the next part of the current page (pages longer than `max_obs_chars` come in
   parts). A bare tag, so it doubles as its own stop string.
 - `<answer> a </answer>`: ends the episode; reward token F1 (default, the paper's web metric),
@@ -20,7 +22,7 @@ off-site, `file://`, `../` out of the site, bad number) gets an `Error: ...` obs
 ever reads a file (the site is loaded into memory up front). Every tool call and every invalid
 action costs a turn; after `max_tool_calls` turns the agent must answer (as in the QA env).
 
-Forking: the browsing state (current page, part, visited pages) is part of the immutable
+Forking: the browsing state (current page, part, visited pages, results on screen) is part of the immutable
 `WebState`, so `treegym.fork/snapshot/restore` stay O(1).
 """
 
@@ -54,7 +56,8 @@ WEB_INSTRUCTION = (
     "and </think> first every time you get new information. After reasoning, you can use one tool "
     "per turn: <search> query </search> searches the site and returns page titles, URLs and short "
     "snippets; <visit> URL </visit> opens a page; <click> n </click> opens link [n] of the current "
-    "page (links are written [text][n]); <next_page> shows the next part of a long page. Results "
+    "page (links are written [text][n]) or, right after a search, result Doc n; <next_page> shows "
+    "the next part of a long page. Results "
     "come back between <information> and </information>. If you find no further external "
     "knowledge needed, you can directly provide the answer inside <answer> and </answer>, without "
     "detailed illustrations. For example, <answer> Beijing </answer>. Question: "
@@ -117,6 +120,7 @@ class WebState(EnvState):
     url: str | None = None
     part: int = 0
     visited: tuple[str, ...] = ()
+    results: tuple[str, ...] | None = None  # URLs of the search results on screen; None: a page is
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,9 +263,13 @@ class TreeWebAgentEnv(ToolEnv):
     def _use_tool(self, st: WebState, parsed: ParsedAction) -> tuple[str, str | None, dict[str, Any]]:
         """(observation, error message or None, state changes) for one valid tool call."""
         if parsed.tool == "search":
-            return self._search(parsed.argument), None, {}
+            obs, urls = self._search(parsed.argument)
+            return obs, None, {"results": urls}
         try:
             if parsed.tool == "next_page":
+                if st.results is not None:
+                    raise PageError("the search results are shown in full; <click> a result or "
+                                    "<visit> a page")
                 if st.url is None:
                     raise PageError("no page is open; <visit> a URL or <search> first")
                 _, parts = self.site.part(st.url, 0, self._page_chars(st.url))
@@ -269,27 +277,35 @@ class TreeWebAgentEnv(ToolEnv):
                     raise PageError(f"this is the end of the page ({st.url})")
                 url, part = st.url, st.part + 1
             elif parsed.tool == "click":
-                if st.url is None:
+                if st.results is not None:
+                    url, part = _result(st.results, parsed.argument.strip("[] ")), 0
+                elif st.url is None:
                     raise PageError("no page is open, so there is no link to click")
-                url, part = self.site.link(st.url, parsed.argument.strip("[] ")), 0
+                else:
+                    url, part = self.site.link(st.url, parsed.argument.strip("[] ")), 0
             else:  # visit
                 url, part = self.site.resolve(parsed.argument, base=st.url), 0
         except PageError as err:
             return information(f"Error: {err}"[: self.max_obs_chars]), str(err), {}
         visited = st.visited if url in st.visited else st.visited + (url,)
-        return self._show(url, part), None, {"url": url, "part": part, "visited": visited}
+        return self._show(url, part), None, {"url": url, "part": part, "visited": visited, "results": None}
 
-    def _search(self, query: str) -> str:
+    def result_urls(self, query: str) -> tuple[str, ...]:
+        """The URLs a `<search> query </search>` would list as Doc 1..k (no state changes)."""
+        return self._search(query)[1]
+
+    def _search(self, query: str) -> tuple[str, tuple[str, ...]]:
+        """The results observation and the URLs behind `Doc 1..k` (what `<click>` opens next)."""
         hits = self.retriever.search([query], self.topk)[0][: self.topk]
         if not hits:
-            return information("No results.")
+            return information("No results."), ()
         shown = []
         for hit in hits:
             page = self.site.pages.get(hit.doc_id)
             title = page.title if page else hit.title
             snippet = page.snippet if page else " ".join(hit.text.split())[:160]
             shown.append(Hit(hit.doc_id, hit.score, f"{title}, URL: {hit.doc_id}", snippet))
-        return information(format_docs(shown), self.max_obs_chars)
+        return information(format_docs(shown), self.max_obs_chars), tuple(h.doc_id for h in hits)
 
     def _page_chars(self, url: str) -> int:
         """Characters of page text per part: the observation bound minus the header and footer."""
@@ -328,17 +344,32 @@ class TreeWebAgentEnv(ToolEnv):
         return "".join(out)
 
 
-def oracle_actions(site: Site, task: Any) -> list[str]:
-    """The gold browsing path of `task` as actions: search the first hop's page title, visit it,
-    follow the link to each next hop (or visit it when the page does not link it, as for a
-    comparison's second entity), answer. For scripted SFT data and tests; needs tasks whose
-    `supporting_ids` are doc ids rendered by `site` (the synthetic world's)."""
+def _result(results: tuple[str, ...], number: str) -> str:
+    """The URL of search result `number` (1-based) on screen; raises PageError."""
+    try:
+        n = int(number.strip())
+    except ValueError:
+        raise PageError(f"not a result number: {number[:40]!r}") from None
+    if not 1 <= n <= len(results):
+        raise PageError(f"the search results have no result {n} (results 1-{len(results)})"
+                        if results else "the search found nothing to click")
+    return results[n - 1]
+
+
+def oracle_actions(site: Site, task: Any, search: Any = None) -> list[str]:
+    """The gold browsing path of `task` as actions: search the first hop's page title, open it
+    (click its result when `search(query) -> result URLs` shows it, else visit its URL), follow
+    the link to each next hop (or visit it when the page does not link it, as for a comparison's
+    second entity), answer. For scripted SFT data and tests; needs tasks whose `supporting_ids`
+    are doc ids rendered by `site` (the synthetic world's)."""
     urls = [site.url_for_doc(d) for d in task.supporting_ids]
     if not urls:
         raise ValueError(f"task {task.id!r} has no supporting ids to follow")
-    actions = [f"<think>I search for {site.pages[urls[0]].title}.</think>\n"
-               f"<search> {site.pages[urls[0]].title} </search>",
-               f"<think>I open its page.</think>\n<visit> {urls[0]} </visit>"]
+    title = site.pages[urls[0]].title
+    shown = list(search(title)) if search is not None else []
+    actions = [f"<think>I search for {title}.</think>\n<search> {title} </search>",
+               f"<think>I open its result.</think>\n<click> {shown.index(urls[0]) + 1} </click>"
+               if urls[0] in shown else f"<think>I open its page.</think>\n<visit> {urls[0]} </visit>"]
     for prev, url in zip(urls, urls[1:]):
         links = site.pages[prev].links
         if url in links:

@@ -212,7 +212,8 @@ def test_web_sft_trains_on_browsing_transcripts(web_sft_model, small_world):
     plan = oracle_plan(env, small_world)
     tasks = list(env.unwrapped.tasks[:20])
     acts = [plan(t) for t in tasks]
-    assert all("<visit>" in " ".join(a) and a[-1].startswith("<answer>") for a in acts)
+    assert all(a[0].startswith("<search>") and a[-1].startswith("<answer>") for a in acts)
+    assert sum(a[1].startswith("<click>") for a in acts) >= 0.9 * len(acts)  # the found result is clicked
     assert not any("<think>" in x for a in acts for x in a)  # bare tool calls, as in the QA SFT
     rows = oracle_transcripts(env, tasks, pol, plan)
     assert all(sum(m) > 0 and len(ids) == len(m) for ids, m in rows)

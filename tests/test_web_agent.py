@@ -380,19 +380,56 @@ def test_page_observations_fit_max_obs_chars(data, max_obs_chars, which):
         obs, *_ = env.step("<next_page>")
 
 
-def test_oracle_actions_helper_solves_tasks_with_format_reward(data):
+@pytest.mark.parametrize("clicks", [False, True])
+def test_oracle_actions_helper_solves_tasks_with_format_reward(data, clicks):
     from treegym.envs.web_agent import oracle_actions
 
     env = make(data, split="dev", reward="format_em")
-    rewards = []
+    u = env.unwrapped
+    rewards, opened_by_click = [], []
     for task in data.tasks("dev"):
         env.reset(options={"task_id": task.id})
-        for action in oracle_actions(env.unwrapped.site, task):
+        path = oracle_actions(u.site, task, search=u.result_urls if clicks else None)
+        opened_by_click.append("<click>" in path[1])
+        for action in path:
             _, r, term, trunc, info = env.step(action)
             assert info["valid_action"] and info["error"] is None
         assert term
         rewards.append(r)
     assert np.mean(rewards) == 1.0  # well-formed and correct
+    # with the results in hand the oracle clicks the first hop's result (title queries find it)
+    assert np.mean(opened_by_click) >= (0.9 if clicks else 0.0) and (clicks or not any(opened_by_click))
+
+
+def test_click_opens_a_search_result(data):
+    env = make(data, max_tool_calls=12, topk=3)
+    env.reset(options={"task_id": data.tasks("train")[0].id})
+    u = env.unwrapped
+    first = u.site.pages[gold_urls(env)[0]]
+    obs, *_, info = env.step(f"<search>{first.title}</search>")
+    shown = u.result_urls(first.title)
+    assert u.state.results == shown and len(shown) == 3 and u.state.url is None
+    assert [f"URL: {url})" in obs for url in shown] == [True] * 3
+    obs, *_, info = env.step("<next_page>")  # the results are shown in full
+    assert "shown in full" in info["error"] and u.state.results == shown
+    for bad in ("0", "4", "-1", "two"):
+        obs, *_, info = env.step(f"<click>{bad}</click>")
+        assert obs.startswith("\n\n<information>Error: ") and u.state.results == shown
+    obs, *_, info = env.step("<click> 2 </click>")
+    assert info["url"] == shown[1] and u.state.results is None and f"({shown[1]})" in obs
+    page = u.site.pages[shown[1]]
+    if page.links:  # now a page is on screen again: click follows its links
+        obs, *_, info = env.step("<click>1</click>")
+        assert info["url"] == page.links[0]
+    env.step("<search>zzzzqqq</search>")  # nothing found: nothing to click
+    if u.state.results == ():
+        obs, *_, info = env.step("<click>1</click>")
+        assert "found nothing" in info["error"]
+    # a fork keeps the results on screen; the parent's later steps do not leak into it
+    env.step(f"<search>{first.title}</search>")
+    child = treegym.fork(env)
+    env.step("<click>1</click>")
+    assert child.unwrapped.state.results == shown and env.unwrapped.state.results is None
 
 
 def test_world_directory_serves_its_site_and_tasks(tmp_path):

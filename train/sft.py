@@ -35,7 +35,7 @@ WARMSTART_DIR = Path(__file__).resolve().parent / "warmstart"
 def oracle_plan(env: Any, dataset: Any) -> Any:
     """task -> the oracle's actions in `env`: for TreeSearchQA-v0 one `<search>` per gold hop then
     the answer; for TreeWebAgent-v0 the gold browsing path (`web_agent.oracle_actions`: search,
-    visit, click along the links, answer). The web oracle's `<think>` sentences are dropped so both
+    click the result, click along the links, answer). The web oracle's `<think>` sentences are dropped so both
     envs' transcripts teach bare tool calls (the tiny model's action budget is ~30 tokens)."""
     import re
 
@@ -45,7 +45,8 @@ def oracle_plan(env: Any, dataset: Any) -> Any:
         from treegym.envs.web_agent import oracle_actions
 
         def web(task: Any) -> list[str]:
-            acts = [re.sub(r"<think>.*?</think>\s*", "", a, flags=re.S) for a in oracle_actions(base.site, task)]
+            path = oracle_actions(base.site, task, search=base.result_urls)  # clicks the found result
+            acts = [re.sub(r"<think>.*?</think>\s*", "", a, flags=re.S) for a in path]
             return acts[:max_calls] + acts[-1:] if len(acts) > max_calls + 1 else acts
         return web
     from treegym.agents.scripted import OraclePolicy

@@ -305,7 +305,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     steps = a.steps or (12 if a.quick else 30)
     prompts = a.prompts or 8
     test_n = a.test_n or (400 if a.quick else 800)
-    envs = list(dict.fromkeys(a.env or ([QA_ENV, WEB_ENV] if a.quick else [QA_ENV])))
+    quick_envs = [QA_ENV, WEB_ENV] if (WARMSTART_WEB_DIR / "sft_meta.json").is_file() or a.from_scratch \
+        else [QA_ENV]  # without a committed web warm start, `--quick` would first spend an hour on SFT
+    envs = list(dict.fromkeys(a.env or (quick_envs if a.quick else [QA_ENV])))
     extra = list(ABLATION_ARMS) if a.ablations else []
     arms = {QA_ENV: list(QUICK_ARMS if a.quick else FULL_ARMS) + extra,
             WEB_ENV: list(WEB_QUICK_ARMS if a.quick else FULL_ARMS) + extra}

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,6 +331,163 @@ def test_shard_rows_partitions_the_batch():
         assert sum(p.rows for p in parts) == ROWS
         torch.testing.assert_close(torch.cat([p.input_ids for p in parts]), b.input_ids)
     assert D.init_distributed(env={}).world_size == 1
+
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole RL trainer under torchrun: `torchrun -m treegym.cli train ...` == one process
+
+
+def _rl_args(model: Path, data: Path, out: Path, steps: int = 2) -> list[str]:
+    """A small GRPO run with signal: 3 prompts x 3 chains per step, minibatches of 2 prompts, KL
+    and entropy on. On 2 ranks that is uneven on purpose: rank 0 rolls out prompts 0 and 2, rank 1
+    prompt 1, and each step's 1-prompt minibatch leaves one rank without rows (it joins the
+    collectives with a zero-gradient padding micro-batch)."""
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--algo", "grpo",
+            "--steps", str(steps), "--prompts-per-step", "3", "--minibatch-prompts", "2",
+            "--seed", "0", "--save-every", "1", "--save-trees-every", "1", "--no-progress",
+            "--threads", "1", "--reward", "format_em", "--eval-tasks", "2", "--rollout.G", "3",
+            "--rollout.max-new-tokens", "12", "--optim.lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def rl_setup(tmp_path_factory):
+    """A small synthetic world (its directory, as a user would pass `--data`) and a 1-layer model
+    after a short SFT, so rewards vary within groups and advantages are non-zero."""
+    from treegym.agents.tiny import build_tiny_model, corpus_titles
+    from treegym.envs.data.synthetic import synthetic_dataset
+    from treegym.train.sft import run_sft
+
+    torch.set_num_threads(1)
+    world = synthetic_dataset(3, n_people=40, n_cities=8, n_countries=3, n_orgs=8, n_works=10,
+                              n_questions=120)
+    root = tmp_path_factory.mktemp("rl")
+    init = build_tiny_model(world.corpus_path, root / "init",
+                            entity_names=corpus_titles(world.corpus_path), vocab_size=400,
+                            n_layer=1, d_model=32, n_head=2, max_position_embeddings=1024)
+    run_sft(world, root / "sft", model_dir=init, lm_steps=10, act_steps=40, batch=8, lr=1e-2,
+            act_lr=1e-2, eval_every=0, eval_n=4, log=lambda *_: None)
+    return root, root / "sft", world.corpus_path.parent
+
+
+def _trainer(args: list[str]):
+    from treegym.train.config import TrainConfig, parse_args
+    from treegym.train.trainer import Trainer
+
+    return Trainer(parse_args(args, TrainConfig))
+
+
+@pytest.fixture(scope="module")
+def rl_single(rl_setup):
+    """The reference, in this process (no torchrun, world size 1): 3 steps; the records and
+    weights after step 2 (its checkpoint) and the weights after step 3."""
+    from safetensors.torch import load_file
+
+    root, model, data = rl_setup
+    tr = _trainer(_rl_args(model, data, root / "single", steps=3))
+    records = tr.train()
+    step2 = load_file(str(root / "single" / "checkpoints" / "step_000002" / "model.safetensors"))
+    step3 = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    return records[:2], step2, step3
+
+
+def _torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "treegym.cli", "train", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _check_run(out: Path, single_records: list[dict], single_weights: dict, *_: Any) -> None:
+    """Final weights, per-step metrics and the rank-0-only run directory of a torchrun run."""
+    from safetensors.torch import load_file
+
+    from treegym.train.checkpoint import latest_checkpoint
+    from treegym.tree import load_jsonl
+
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "step_000002"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert set(saved) == set(single_weights)  # the same files as one process (tied head once)
+    start = load_file(str(out.parent / "sft" / "model.safetensors"))
+    moved = max(float((single_weights[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-3  # the run really trained (a no-op would also "match")
+    for k, w in saved.items():
+        torch.testing.assert_close(w, single_weights[k], rtol=1e-5, atol=2e-5, msg=k)
+    # rank 0 alone wrote metrics.jsonl: one line per step, not one per rank
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    for r, s in zip(recs, single_records):
+        # the same prompts, the same sampled tokens: rollout metrics are equal, not just close
+        for k in ("reward", "reward_std", "solved_prompts", "leaves_per_prompt",
+                  "tokens_per_prompt", "tool_calls_per_prompt", "llm_calls", "train_tokens"):
+            assert r[k] == s[k], k
+        for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "adv_abs_mean", "lr"):
+            assert r[k] == pytest.approx(s[k], rel=1e-4, abs=1e-6), k
+    assert abs(recs[-1]["adv_abs_mean"]) > 0  # advantages carried signal
+    # the trees of both ranks' prompts, gathered in prompt order into one file
+    forests, _ = load_jsonl(out / "trees" / "step_000002.jsonl")
+    single_forests, _ = load_jsonl(out.parent / "single" / "trees" / "step_000002.jsonl")
+    assert [f.uid for f in forests] == [f.uid for f in single_forests]
+    assert [[l.full_action_ids for l in f.leaves()] for f in forests] == \
+        [[l.full_action_ids for l in f.leaves()] for f in single_forests]
+    assert (out / "config.yaml").is_file() and list((out / "tb").iterdir())
+
+
+def test_torchrun_trainer_fsdp_with_resume_equals_single_process(rl_setup, rl_single):
+    """FSDP2 over 2 gloo ranks: 1 step, then `--resume` for the 2nd (a second torchrun launch
+    that loads the rank-0 checkpoint into freshly sharded ranks) == 2 steps in one process; and
+    one process resuming that sharded run's checkpoint for a 3rd step == 3 steps in one process."""
+    root, model, data = rl_setup
+    out = root / "fsdp"
+    _torchrun(_rl_args(model, data, out, steps=1) + ["--strategy", "fsdp"])
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    proc = _torchrun(_rl_args(model, data, out, steps=2) + ["--strategy", "fsdp", "--resume"])
+    assert proc.stdout.count('"step": 2') == 1  # the final eval is printed once, by rank 0
+    _check_run(out, *rl_single)
+    # torchrun -> one process: the name-keyed optimizer state goes back to positions
+    tr = _trainer(_rl_args(model, data, out, steps=3) + ["--resume"])
+    assert tr.step == 2 and tr.cursor == 6
+    tr.train()
+    for k, w in rl_single[2].items():
+        torch.testing.assert_close(tr.model.state_dict()[k], w, rtol=1e-5, atol=2e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_torchrun_trainer_ddp_resuming_a_single_process_run(rl_setup, rl_single):
+    """DDP: step 1 in this process, step 2 by 2 ranks resuming its (position-keyed) checkpoint
+    == 2 steps in one process."""
+    root, model, data = rl_setup
+    out = root / "ddp"
+    _trainer(_rl_args(model, data, out, steps=1)).train()
+    _torchrun(_rl_args(model, data, out) + ["--strategy", "ddp", "--resume"])
+    _check_run(out, *rl_single)
+
+
+def test_rollout_seeds_follow_the_prompt_not_the_rank(rl_setup):
+    """What makes the equivalence possible: a rank rolling out prompts 1 and 3 of a step (with
+    `prompt_index`) samples exactly what one process rolling out prompts 0..3 samples for them
+    (tree_grpo: the seeds of chains, expansion choices and generations all follow the prompt)."""
+    from treegym.agents.hf import HFPolicy
+    from treegym.train.evaluate import make_env
+    from treegym.tree import rollout as R
+
+    _, model, data = rl_setup
+    policy, env = HFPolicy(model), make_env(str(data), "train", reward="format_em")
+    tasks = list(env.unwrapped.tasks[:4])
+    kw = dict(M=2, N=1, L=1, seed=5, max_new_tokens=12, max_turns=6)
+    whole, _ = R.tree_grpo(policy, env, tasks, **kw)
+    part, _ = R.tree_grpo(policy, env, [tasks[1], tasks[3]], prompt_index=[1, 3], **kw)
+    for got, want in zip(part, [whole[1], whole[3]]):
+        assert got.uid == want.uid
+        assert [l.full_action_ids for l in got.leaves()] == [l.full_action_ids for l in want.leaves()]
+    plain, _ = R.tree_grpo(policy, env, [tasks[1], tasks[3]], **kw)  # without it: other seeds
+    assert plain[0].uid != whole[1].uid
+    with pytest.raises(ValueError, match="prompt_index"):
+        R.chain(policy, env, tasks[:2], G=2, prompt_index=[0, 0])
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ class TrainConfig:
     threads: int = 0                      # torch threads (0 = leave torch's default)
     device: str = "cpu"                   # "cuda" runs rollouts and updates there (bf16 autocast)
     resume: bool = False                  # continue from the newest good checkpoint in `out`
+    strategy: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun (WORLD_SIZE > 1): FSDP2 shards, DDP replicates
+    micro_batch_rows: int | None = None   # under torchrun: rows per forward/backward (memory only; same step)
     progress: bool = True
     tensorboard: bool = True
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -203,6 +205,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("steps", cfg.steps >= 0), ("prompts_per_step", cfg.prompts_per_step > 0),
         ("minibatch_prompts", cfg.minibatch_prompts > 0), ("epochs", cfg.epochs > 0),
         ("max_tool_calls", cfg.max_tool_calls is None or cfg.max_tool_calls >= 0),
+        ("micro_batch_rows", cfg.micro_batch_rows is None or cfg.micro_batch_rows > 0),
         ("rollout.G", cfg.rollout.G > 0), ("rollout.M", cfg.rollout.M > 0),
         ("rollout.N", cfg.rollout.N >= 0), ("rollout.L", cfg.rollout.L >= 0),
         ("rollout.K", cfg.rollout.K is None or cfg.rollout.K > 0), ("rollout.T", cfg.rollout.T > 0),

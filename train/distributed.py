@@ -142,6 +142,37 @@ def rank0_print(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
+def _group_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` without a group.
+    For small per-step records (rollout statistics, tree dumps), not for tensors."""
+    if not _group_ready():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (e.g. a decision only rank 0 can make, because only it
+    reads or writes the run directory); `obj` itself without a group."""
+    if not _group_ready():
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_floats(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max, `op="max"`) of a few floats over ranks, in float64; unchanged without a group."""
+    if op not in ("sum", "max"):
+        raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
+    return _all_reduce(list(values), op=op)
+
+
 # ----------------------------------------------------------------------------------------------
 # model wrapping
 
@@ -218,6 +249,24 @@ def shard_model(model: nn.Module, info: DistInfo, *, strategy: Strategy = "fsdp"
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
+
+
+@torch.no_grad()
+def copy_full_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Copy the (possibly FSDP2-sharded) weights of `src` into `dst`, an unsharded model of the
+    same architecture — the rollout copy an FSDP2 trainer generates with. Under FSDP2 each
+    parameter is all-gathered (`DTensor.full_tensor`), so this is a collective: every rank calls
+    it, with the same models, at the same point. Names are matched, so tied weights (listed once
+    by `named_parameters`) are copied once."""
+    from torch.distributed.tensor import DTensor
+
+    targets = dict(unwrap(dst).named_parameters())
+    for name, p in unwrap(src).named_parameters():
+        if name not in targets:
+            raise KeyError(f"copy_full_weights: {name!r} of the trained model is not a parameter "
+                           "of the rollout model (different architecture?)")
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        targets[name].copy_(full.to(device=targets[name].device, dtype=targets[name].dtype))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -314,6 +363,11 @@ class StepBatch:
 
     def select(self, rows: slice) -> StepBatch:
         return StepBatch(**{k: (None if v is None else v[rows]) for k, v in self._items()})
+
+    def take(self, rows: list[int]) -> StepBatch:
+        """These rows, in this order (a minibatch of whole prompts out of a rank's rows)."""
+        idx = torch.tensor(list(rows), dtype=torch.long)
+        return StepBatch(**{k: (None if v is None else v[idx]) for k, v in self._items()})
 
     def trimmed(self) -> StepBatch:
         """Drop right padding columns no row uses (saves compute; loss denominators are taken
@@ -620,12 +674,24 @@ def gather_full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _drop_tied_copies(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gathered state dict lists a tied LM head as its own tensor; drop it when the model ties
+    it to the embeddings, so a sharded run writes the same files as `save_pretrained` in one
+    process (`load_checkpoint_distributed` and `from_pretrained` re-tie it on load)."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return sd
+    tied = getattr(model, "_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        return sd
+    return {k: v for k, v in sd.items() if not (k in tied and tied[k] in sd)}
+
+
 class _FullModelView:
     """What `treegym.train.checkpoint.save_checkpoint` needs of a model (`save_pretrained`),
     backed by an already-gathered full state dict."""
 
     def __init__(self, model: nn.Module, state_dict: dict[str, torch.Tensor]):
-        self._model, self._sd = unwrap(model), state_dict
+        self._model, self._sd = unwrap(model), _drop_tied_copies(unwrap(model), state_dict)
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         self._model.save_pretrained(path, state_dict=self._sd, **kwargs)
@@ -682,11 +748,52 @@ def save_checkpoint_rank0(run_dir: str | Path, step: int, model: nn.Module,
     return path
 
 
+def _param_names(model: nn.Module) -> list[str]:
+    """Parameter names in `model.parameters()` order (tied weights once): position i of a plain
+    `optimizer.state_dict()` is the i-th of these when the optimizer got `model.parameters()`."""
+    return [n for n, _ in unwrap(model).named_parameters()]
+
+
+def optimizer_state_by_name(state: dict, model: nn.Module) -> dict:
+    """A single-process `optimizer.state_dict()` (keyed by position) re-keyed by parameter name,
+    the form `set_optimizer_state_dict` loads into sharded ranks; a name-keyed one is returned
+    as is. Lets a torchrun run resume a checkpoint written by one process."""
+    names = _param_names(model)
+    groups = state.get("param_groups", [])
+    if not any(isinstance(i, int) for g in groups for i in g.get("params", [])):
+        return state
+    def name(i: int) -> str:
+        if not 0 <= i < len(names):
+            raise ValueError(f"optimizer state refers to parameter {i}, but the model has "
+                             f"{len(names)}: a checkpoint of a different model?")
+        return names[i]
+    return {"state": {name(i): v for i, v in state.get("state", {}).items()},
+            "param_groups": [{**g, "params": [name(i) for i in g["params"]]} for g in groups]}
+
+
+def optimizer_state_by_position(state: dict, model: nn.Module) -> dict:
+    """The inverse: a name-keyed optimizer state (written by `save_checkpoint_rank0`) in the
+    positional form `optimizer.load_state_dict` of a one-process run expects, so a run trained
+    under torchrun can be resumed without it."""
+    index = {n: i for i, n in enumerate(_param_names(model))}
+    groups = state.get("param_groups", [])
+    if not any(isinstance(k, str) for g in groups for k in g.get("params", [])):
+        return state
+    def pos(n: str) -> int:
+        if n not in index:
+            raise ValueError(f"optimizer state names parameter {n!r}, which the model lacks: a "
+                             "checkpoint of a different model?")
+        return index[n]
+    return {"state": {pos(n): v for n, v in state.get("state", {}).items()},
+            "param_groups": [{**g, "params": [pos(n) for n in g["params"]]} for g in groups]}
+
+
 def load_checkpoint_distributed(path: str | Path, model: nn.Module,
                                 optimizer: torch.optim.Optimizer | None = None,
                                 scheduler: Any = None) -> dict:
-    """Load a checkpoint written by `save_checkpoint_rank0` into a (possibly sharded) model and
-    optimizer on every rank. Each rank reads the files (a shared or local disk on one node);
+    """Load a checkpoint written by `save_checkpoint_rank0` (or by one process's
+    `treegym.train.checkpoint.save_checkpoint`) into a (possibly sharded) model and optimizer on
+    every rank. Each rank reads the files (a shared or local disk on one node);
     hashes are verified first (`CheckpointError` on a bad checkpoint). Returns the trainer state."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -711,7 +818,7 @@ def load_checkpoint_distributed(path: str | Path, model: nn.Module,
                 weights[name] = weights[src]
     set_model_state_dict(target, weights, options=StateDictOptions(full_state_dict=True))
     if optimizer is not None and state.get("optimizer") is not None:
-        set_optimizer_state_dict(target, optimizer, state["optimizer"],
+        set_optimizer_state_dict(target, optimizer, optimizer_state_by_name(state["optimizer"], model),
                                  options=StateDictOptions(full_state_dict=True))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
@@ -791,12 +898,14 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "is_main", "barrier",
-           "rank0_print", "decoder_layers", "mixed_precision_policy", "shard_model", "unwrap",
+           "rank0_print", "all_gather_objects", "broadcast_object", "all_reduce_floats",
+           "copy_full_weights", "decoder_layers", "mixed_precision_policy", "shard_model", "unwrap",
            "autocast", "StepBatch", "shard_rows", "agg_denominator", "loss_token_logprobs",
            "rank_logprobs",
            "policy_update_step",
            "gather_full_state_dict", "gather_full_grads", "save_pretrained_rank0",
-           "save_checkpoint_rank0", "load_checkpoint_distributed", "bench_main"]
+           "save_checkpoint_rank0", "load_checkpoint_distributed", "optimizer_state_by_name",
+           "optimizer_state_by_position", "bench_main"]
 
 
 if __name__ == "__main__":

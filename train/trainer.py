@@ -19,6 +19,27 @@ flag; `--config file.yaml` for a base). One step:
 
 Why prompts are never split across minibatches: a prompt's advantages are relative to its own
 group; updating on half a group would push the shared prefix in one direction only.
+
+Under torchrun (WORLD_SIZE > 1; `torchrun --nproc_per_node N -m treegym.cli train ...`) the same
+loop runs data-parallel, and — by construction — takes the same steps as one process on the same
+global batch (tests/test_train_distributed.py checks the final weights):
+
+- every rank draws the same `prompts_per_step` prompts; prompt i is rolled out by rank
+  i % world_size, with the seeds and uid it would have in one process (`prompt_index`), so a
+  prompt's whole group (all its trees and leaves) lives on one rank and its advantages are the
+  single-process ones;
+- generation needs full weights: with `strategy="ddp"` every rank holds them; with FSDP2 each rank
+  keeps an unsharded *rollout copy*, refreshed from the shards (all-gather) before a rollout or an
+  eval that follows an update — the same weight sync an inference engine needs, at the cost of
+  one extra full copy per rank;
+- old and reference log-probs come from `distributed.rank_logprobs` (FSDP2-safe forwards in
+  lockstep); the reference model is sharded like the policy (FSDP2) or a plain copy (DDP);
+- the minibatch order is drawn from the same seed on every rank; each minibatch is one
+  `distributed.policy_update_step` over the ranks' rows of its prompts, with the global
+  token-mean denominator, so loss, gradient, clipping and AdamW step are the global ones;
+- rank 0 alone writes config.yaml, metrics.jsonl, TensorBoard, trees (gathered from all ranks)
+  and checkpoints (`save_checkpoint_rank0`); metrics are computed from all ranks' data, so they
+  equal the single-process numbers; dev eval runs on rank 0 and is broadcast.
 """
 
 from __future__ import annotations
@@ -26,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -52,6 +74,9 @@ def masked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     Only the masked (sampled-action) positions go through the LM head: with a few action tokens
     per several hundred observation tokens and a vocabulary of thousands, this is most of a tiny
     model's step time saved, and the values are identical to a full forward.
+
+    One process only: calling `model.model` and `model.lm_head` directly bypasses FSDP2's root
+    hooks, so under torchrun the trainer uses `distributed.rank_logprobs` instead.
     """
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     sel = mask[:, 1:].bool()
@@ -83,10 +108,15 @@ def _derive(*parts: Any) -> int:
 
 
 class Trainer:
-    """Owns the policy, the reference model, the optimizer and the run directory."""
+    """Owns the policy, the reference model, the optimizer and the run directory.
+
+    Under torchrun it joins the process group itself (`distributed.init_distributed`); with one
+    process (no torchrun, or WORLD_SIZE=1) nothing distributed runs and the numbers are those of
+    the plain single-process loop."""
 
     def __init__(self, config: TrainConfig, *, dataset: Any = None, log: Any = None):
         from treegym.agents.hf import HFPolicy
+        from treegym.train import distributed as D
         from treegym.train.evaluate import make_env
 
         self.cfg = validate(config)
@@ -94,20 +124,33 @@ class Trainer:
             raise ValueError("TrainConfig.model: give the model directory to train (e.g. the SFT warm start)")
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        self.dist = D.init_distributed("gloo" if self.cfg.device == "cpu" else None) \
+            if _under_torchrun() else D.DistInfo()
+        self.is_main = self.dist.is_main
+        if self.dist.distributed:
+            self._check_distributed_config()
         self.out = Path(self.cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        quiet = lambda msg: None  # noqa: E731  (ranks other than 0 stay silent)
+        self.log = log or ((lambda msg: print(msg, file=sys.stderr)) if self.is_main else quiet)
         random.seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
         torch.manual_seed(self.cfg.seed)
-        self.device = torch.device(self.cfg.device)
-        self.policy = HFPolicy(self.cfg.model, device=self.cfg.device)
+        self.device = self.dist.device if self.dist.distributed else torch.device(self.cfg.device)
+        # under torchrun the trained weights are fp32 masters (FSDP2 computes in bf16 on CUDA
+        # through its MixedPrecisionPolicy); one process keeps HFPolicy's device default
+        self.policy = HFPolicy(self.cfg.model, device=str(self.device),
+                               dtype="float32" if self.dist.distributed else None)
         self.model = self.policy.model
         self.ref_model = None
         if self.cfg.loss.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        self._rollout_stale = False
+        if self.dist.distributed:
+            self._shard()
         data = dataset if dataset is not None else self.cfg.data
         env_kw = dict(retriever=self.cfg.retriever, topk=self.cfg.topk,
                       max_tool_calls=self.cfg.max_tool_calls, reward=self.cfg.reward)
@@ -126,25 +169,101 @@ class Trainer:
         self._tb = None
         if self.cfg.resume:
             self._resume()
-        save_yaml(self.cfg, self.out / "config.yaml")
+        if self.is_main:
+            save_yaml(self.cfg, self.out / "config.yaml")
+
+    # -- distributed setup ------------------------------------------------------------------
+
+    def _check_distributed_config(self) -> None:
+        world = self.dist.world_size
+        if self.cfg.prompts_per_step < world:
+            raise ValueError(f"prompts_per_step={self.cfg.prompts_per_step} is below the "
+                             f"{world} ranks: each rank rolls out whole prompts, give it >= 1")
+        if (self.cfg.advantage or "") == "treepo":
+            raise ValueError("advantage 'treepo' whitens over the whole batch, which spans ranks; "
+                             "use a per-prompt estimator under torchrun")
+
+    def _shard(self) -> None:
+        """Wrap the policy (and reference) for data-parallel training, before the optimizer is
+        built. FSDP2 turns the policy's parameters into shards, so rollouts and eval get their
+        own unsharded copy (`self.policy.model`), refreshed by `_sync_rollout_weights`."""
+        from treegym.train import distributed as D
+
+        strategy = self.cfg.strategy
+        if strategy == "fsdp":
+            rollout_model = copy.deepcopy(self.model).eval()
+            if self.device.type == "cuda":  # generation only: bf16 halves the copy
+                rollout_model = rollout_model.to(torch.bfloat16)
+            for p in rollout_model.parameters():
+                p.requires_grad_(False)
+            self.policy.model = rollout_model
+            if self.ref_model is not None:
+                self.ref_model = D.shard_model(self.ref_model, self.dist, strategy="fsdp")
+        # DDP: `self.policy.model` stays the wrapped module itself (full weights on every rank,
+        # no collective in its forward); the reference stays a plain per-rank copy.
+        self.model = D.shard_model(self.model, self.dist, strategy=strategy)
+        self._rollout_stale = True  # sharding broadcast rank 0's weights: copy them before use
+
+    def _sync_rollout_weights(self) -> None:
+        """FSDP2: all-gather the updated shards into the rollout copy (collective; every rank
+        reaches it at the same point because all ranks run the same steps)."""
+        if self._rollout_stale and self.dist.distributed and self.cfg.strategy == "fsdp":
+            from treegym.train import distributed as D
+
+            D.copy_full_weights(self.model, self.policy.model)
+        self._rollout_stale = False
+
+    def close(self) -> None:
+        """Leave the process group (ranks meet at a barrier first, so none tears gloo down while
+        a peer still works). A no-op with one process."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self.dist.distributed:
+            from treegym.train import distributed as D
+
+            D.barrier()
+            D.cleanup_distributed()
 
     # -- state ------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.out, warn=self.log)
+        from treegym.train import distributed as D
+
+        if self.dist.distributed:  # rank 0 picks the checkpoint, so all ranks load the same one
+            path = D.broadcast_object(ckpt.latest_checkpoint(self.out, warn=self.log)
+                                      if self.is_main else None)
+        else:
+            path = ckpt.latest_checkpoint(self.out, warn=self.log)
         if path is None:
             self.log(f"--resume: no checkpoint in {self.out}/checkpoints, starting from step 0")
             return
-        state = ckpt.restore(path, self.model, self.optimizer, self.scheduler)
+        if self.dist.distributed:  # also reads a one-process checkpoint (positional optimizer)
+            state = D.load_checkpoint_distributed(path, self.model, self.optimizer, self.scheduler)
+            if state.get("rng") is not None:
+                ckpt.set_rng_state(state["rng"])
+            self._rollout_stale = True
+        else:
+            state = ckpt.restore(path, self.model, None, self.scheduler)
+            if state.get("optimizer") is not None:  # name-keyed when written under torchrun
+                self.optimizer.load_state_dict(
+                    D.optimizer_state_by_position(state["optimizer"], self.model))
         self.step = int(state["step"])
         self.cursor = int(state["extra"].get("cursor", 0))
         self.log(f"resumed from {path} (step {self.step})")
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint; under torchrun a collective (rank 0 writes, returns None elsewhere)."""
+        extra = {"cursor": self.cursor, "config": to_dict(self.cfg)}
+        if self.dist.distributed:
+            from treegym.train import distributed as D
+
+            return D.save_checkpoint_rank0(self.out, self.step, self.model, self.optimizer,
+                                           self.scheduler, tokenizer=self.policy.tokenizer.tokenizer,
+                                           extra=extra, keep=self.cfg.keep_checkpoints)
         return ckpt.save_checkpoint(self.out, self.step, self.model, self.optimizer, self.scheduler,
                                     tokenizer=self.policy.tokenizer.tokenizer,
-                                    extra={"cursor": self.cursor, "config": to_dict(self.cfg)},
-                                    keep=self.cfg.keep_checkpoints)
+                                    extra=extra, keep=self.cfg.keep_checkpoints)
 
     def next_tasks(self) -> list[Any]:
         """The next prompts: a seeded permutation of the training split per epoch."""
@@ -159,13 +278,19 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def rollout(self, tasks: Sequence[Any]) -> tuple[list, Any]:
+    def rollout(self, tasks: Sequence[Any], prompt_index: Sequence[int] | None = None
+                ) -> tuple[list, Any]:
+        """Sample the forests of `tasks`; `prompt_index` gives their positions in the step's
+        batch (a rank's share under torchrun), so seeds and uids do not depend on the rank."""
         from treegym.tree import rollout as R
 
         r = self.cfg.rollout
         gen = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                    max_turns=int(self.env.unwrapped.max_tool_calls) + 2)
+        if prompt_index is not None:
+            gen["prompt_index"] = list(prompt_index)
         seed = _derive(self.cfg.seed, "rollout", self.step)
+        self._sync_rollout_weights()
         self.model.eval()
         with torch.no_grad():
             if self.cfg.algo in ("grpo", "gigpo"):
@@ -189,8 +314,13 @@ class Trainer:
             raise ValueError(f"advantage: unknown estimator {name!r}")
         return fn(forests)
 
-    def update(self, batch: Any) -> dict[str, float]:
-        """PPO epochs over minibatches of whole prompts; returns averaged metrics."""
+    def update(self, batch: Any, uid_order: Sequence[str] | None = None) -> dict[str, float]:
+        """PPO epochs over minibatches of whole prompts; returns averaged metrics.
+
+        Under torchrun `batch` holds this rank's rows and `uid_order` the uids of the whole
+        step's batch in prompt order (every rank passes the same list)."""
+        if self.dist.distributed:
+            return self._update_distributed(batch, uid_order)
         cfg = self.cfg
         dev = self.device
         ids = torch.as_tensor(batch.input_ids, device=dev)
@@ -245,6 +375,57 @@ class Trainer:
         stats["lr"] = float(self.scheduler.get_last_lr()[0])
         return stats
 
+    def _update_distributed(self, batch: Any, uid_order: Sequence[str] | None) -> dict[str, float]:
+        """`update` across ranks: the same minibatches of whole prompts (same seeded order on
+        every rank), each one `policy_update_step` over the ranks' rows of those prompts."""
+        from treegym.train import distributed as D
+
+        cfg = self.cfg
+        local = D.StepBatch.from_any(batch)
+        uids_here = list(dict.fromkeys(batch.uids))
+        order_all = list(uid_order) if uid_order is not None else uids_here
+        micro = cfg.micro_batch_rows
+        self.model.eval()
+        old, _ = D.rank_logprobs(self.model, local, micro_batch_rows=micro)
+        ref = None
+        if self.ref_model is not None:
+            ref = D.rank_logprobs(self.ref_model, local, micro_batch_rows=micro)[0]
+        m = local.loss_mask.float()
+        diff, n_tok = D.all_reduce_floats([float(((old - local.old_logprobs).abs() * m).sum()),
+                                           float(m.sum())])
+        stats: dict[str, float] = {"rollout_logprob_diff": diff / max(n_tok, 1.0)}
+        local.old_logprobs, local.ref_logprobs = old, ref
+        rows_of = {u: [i for i, x in enumerate(batch.uids) if x == u] for u in uids_here}
+        rng = random.Random(_derive(cfg.seed, "minibatch", self.step))
+        keys = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "clipfrac_lower", "approx_kl",
+                "grad_norm")
+        acc: dict[str, list[float]] = {}
+        for _ in range(cfg.epochs):
+            order = order_all[:]
+            rng.shuffle(order)
+            for s in range(0, len(order), cfg.minibatch_prompts):
+                rows = [i for u in order[s:s + cfg.minibatch_prompts] for i in rows_of.get(u, [])]
+                part = local.take(rows)
+                (tokens,) = D.all_reduce_floats([float(part.loss_mask[:, 1:].sum())])
+                if tokens == 0:  # every rank skips it: no prompt of the minibatch has a sampled token
+                    continue
+                st = D.policy_update_step(
+                    self.model, self.optimizer, part, info=self.dist, clip=cfg.loss.clip,
+                    dual_clip=cfg.loss.dual_clip, kl_coef=cfg.loss.kl_coef,
+                    entropy_coef=cfg.loss.entropy_coef, agg=cfg.loss.agg,
+                    grad_clip=cfg.optim.grad_clip, micro_batch_rows=micro,
+                    scheduler=self.scheduler, compute_entropy=True)
+                if not math.isfinite(st["grad_norm"]):
+                    raise FloatingPointError(f"step {self.step}: non-finite gradient norm")
+                for k in keys:
+                    if k in st:
+                        acc.setdefault(k, []).append(st[k])
+        self._rollout_stale = True
+        self.model.eval()
+        stats.update({k: float(np.mean(v)) for k, v in acc.items()})
+        stats["lr"] = float(self.scheduler.get_last_lr()[0])
+        return stats
+
     def _autocast(self):
         """bf16 autocast on CUDA (log-probs are still taken in fp32); a no-op on CPU, where fp32
         keeps resume and the distributed-equivalence checks bit-exact."""
@@ -255,6 +436,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
+        if self.dist.distributed:
+            return self._train_step_distributed()
         from treegym.tree import to_batch
 
         t0 = time.perf_counter()
@@ -288,6 +471,68 @@ class Trainer:
                        meta={"step": self.step, "algo": self.cfg.algo})
         return stats
 
+    def _train_step_distributed(self) -> dict[str, float]:
+        """`train_step` under torchrun: this rank rolls out prompts rank, rank + W, ...; the
+        metrics are computed from every rank's rows, in prompt order, so they are the numbers one
+        process would log."""
+        from treegym.train import distributed as D
+        from treegym.tree import to_batch
+        from treegym.tree.serialize import forest_to_json
+
+        t0 = time.perf_counter()
+        tasks = self.next_tasks()
+        mine = list(range(self.dist.rank, len(tasks), self.dist.world_size))
+        forests, budget = self.rollout([tasks[i] for i in mine], prompt_index=mine)
+        t1 = time.perf_counter()
+        advs = self.advantages(forests)
+        batch = to_batch(forests, advs, pad_id=self.policy.pad_id)
+        index_of = {f.uid: int(f.meta["prompt_index"]) for f in forests}
+        local_uids = list(dict.fromkeys(batch.uids))
+        uid_order = [u for _, u in sorted((i, u) for part in D.all_gather_objects(
+            [(index_of[u], u) for u in local_uids]) for i, u in part)]
+        stats = self.update(batch, uid_order)
+        t2 = time.perf_counter()
+        self.step += 1
+        save_trees = bool(self.cfg.save_trees_every and self.step % self.cfg.save_trees_every == 0)
+        mask = batch.loss_mask > 0
+        per_prompt = [(index_of[f.uid],
+                       [float(batch.rewards[i]) for i, u in enumerate(batch.uids) if u == f.uid],
+                       bool(max((l.reward or 0.0) for l in f.leaves()) > 0),
+                       forest_to_json(f) if save_trees else None) for f in forests]
+        mine_stats = {"prompts": per_prompt, "leaves": sum(len(f.leaves()) for f in forests),
+                      "budget": budget.to_dict(),
+                      "adv_abs": (float(np.abs(batch.advantages[mask]).sum()), int(mask.sum())),
+                      "rollout_s": t1 - t0, "update_s": t2 - t1}
+        ranks = D.all_gather_objects(mine_stats)
+        prompts = sorted((p for r in ranks for p in r["prompts"]), key=lambda p: p[0])
+        rewards = np.asarray([x for p in prompts for x in p[1]], dtype=batch.rewards.dtype)
+        b = {k: sum(r["budget"][k] for r in ranks) for k in budget.to_dict()}
+        b["wall_s"] = max(r["budget"]["wall_s"] for r in ranks)
+        n = len(tasks)
+        adv_sum, adv_n = sum(r["adv_abs"][0] for r in ranks), sum(r["adv_abs"][1] for r in ranks)
+        stats.update({
+            "step": self.step, "reward": float(np.mean(rewards)),
+            "reward_std": float(np.std(rewards)),
+            "solved_prompts": float(np.mean([p[2] for p in prompts])),
+            "leaves_per_prompt": sum(r["leaves"] for r in ranks) / n,
+            "tokens_per_prompt": b.get("generated_tokens", 0) / n,
+            "tool_calls_per_prompt": b.get("tool_calls", 0) / n,
+            "llm_calls": b.get("llm_calls", 0),
+            "adv_abs_mean": adv_sum / adv_n if adv_n else 0.0,
+            "train_tokens": int(adv_n),
+            "rollout_s": max(r["rollout_s"] for r in ranks),
+            "update_s": max(r["update_s"] for r in ranks),
+        })
+        if save_trees and self.is_main:
+            from treegym.tree import Budget, save_jsonl
+            from treegym.tree.serialize import forest_from_json
+
+            save_jsonl(self.out / "trees" / f"step_{self.step:06d}.jsonl",
+                       [forest_from_json(p[3]) for p in prompts], Budget(**b),
+                       meta={"step": self.step, "algo": self.cfg.algo,
+                             "world_size": self.dist.world_size})
+        return stats
+
     # -- eval / logging ---------------------------------------------------------------------
 
     def dev_env(self) -> Any:
@@ -301,6 +546,19 @@ class Trainer:
     def evaluate(self, split_env: Any = None, n: int | None = None) -> dict[str, float]:
         from treegym.train.evaluate import evaluate, select_tasks
 
+        if self.dist.distributed:
+            # collective: every rank refreshes the rollout weights; rank 0 evaluates, the others
+            # wait for its numbers (so every rank logs and returns the same record)
+            from treegym.train import distributed as D
+
+            self._sync_rollout_weights()
+            out = None
+            if self.is_main:
+                env = split_env or self.dev_env()
+                tasks = select_tasks(env, self.cfg.eval_tasks if n is None else n, seed=self.cfg.seed)
+                out = evaluate(self.policy, env, tasks,
+                               max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.seed)
+            return D.broadcast_object(out)
         env = split_env or self.dev_env()
         tasks = select_tasks(env, self.cfg.eval_tasks if n is None else n, seed=self.cfg.seed)
         self.model.eval()
@@ -309,6 +567,8 @@ class Trainer:
 
     def _emit(self, rec: dict) -> None:
         self.history.append(rec)
+        if not self.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.cfg.tensorboard:
@@ -330,7 +590,8 @@ class Trainer:
         start = self.step
         records = []
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.algo}",
-                   disable=not self.cfg.progress, dynamic_ncols=True, file=sys.stderr)
+                   disable=not (self.cfg.progress and self.is_main), dynamic_ncols=True,
+                   file=sys.stderr)
         try:
             while self.step < self.cfg.steps:
                 rec = self.train_step()
@@ -345,11 +606,22 @@ class Trainer:
                     self.save()
         except KeyboardInterrupt:
             bar.close()
+            if self.dist.distributed:
+                # saving is a collective; a rank interrupted mid-step would wait forever for
+                # peers that are elsewhere, so resume from the last periodic checkpoint instead
+                self.log(f"interrupted at step {self.step}: not saving under torchrun; --resume "
+                         "continues from the last periodic checkpoint")
+                raise
             path = self.save()
             self.log(f"interrupted: saved {path} at step {self.step}")
             raise
         bar.close()
-        if self.step > start or not ckpt.list_checkpoints(self.out):
+        need_final = self.step > start or not ckpt.list_checkpoints(self.out)
+        if self.dist.distributed:
+            from treegym.train import distributed as D
+
+            need_final = bool(D.broadcast_object(need_final))
+        if need_final:
             self.save()
         if self._tb is not None:
             self._tb.flush()
@@ -378,8 +650,25 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     final = trainer.evaluate()
-    print(json.dumps({"step": trainer.step, **{"dev/" + k: v for k, v in final.items()}}, indent=1))
+    if trainer.is_main:
+        print(json.dumps({"step": trainer.step, **{"dev/" + k: v for k, v in final.items()}},
+                         indent=1))
+    distributed = trainer.dist.distributed
+    trainer.close()
+    if distributed:
+        # A torchrun worker whose run is complete (checkpoint written, group destroyed) leaves
+        # without interpreter teardown: there gloo's background threads sometimes abort the
+        # process ("terminate called without an active exception", SIGABRT; 1 of 8 CPU launches
+        # here), and torchrun would report a finished run as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _under_torchrun() -> bool:
+    """torchrun (or a launcher setting the same variables) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 __all__ = ["Trainer", "masked_logprobs", "cli_main"]

@@ -13,7 +13,10 @@ restored env state says.
 Seeds: every request's seed is derived from (seed, prompt index, tree, wave, slot, turn), every
 random expansion choice from (seed, prompt, tree, wave), so runs repeat exactly with a policy that
 honours `GenRequest.seed`, whatever the batch composition. `chain(G)` and the initial chains of
-`tree_grpo(M=G)` use the same seeds, so they sample the same trajectories.
+`tree_grpo(M=G)` use the same seeds, so they sample the same trajectories. `prompt_index` names
+each task's index in a larger batch (default 0..n-1): a data-parallel rank that rolls out prompts
+2, 5 and 8 of a step passes them, and samples exactly what one process rolling out the whole
+batch samples for those prompts (same seeds, same uids).
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ class _Cont:
 
 class _Engine:
     def __init__(self, policy, env, tasks, *, seed: int, max_new_tokens: int, temperature: float,
-                 top_p: float, want_entropies: bool, max_turns: int, sampler: str):
+                 top_p: float, want_entropies: bool, max_turns: int, sampler: str,
+                 prompt_index: Sequence[int] | None = None):
         if not tasks:
             raise ValueError("tasks is empty: give at least one task (a Task, a task id, or None)")
+        self.index = _prompt_index(prompt_index, len(tasks))
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         self.policy, self.env, self.tasks = policy, env, list(tasks)
@@ -89,18 +94,19 @@ class _Engine:
             task_id = getattr(task, "id", task)
             if task_id is not None:
                 options["task_id"] = task_id
-            prompt, _ = base.reset(seed=derive_seed(self.seed, p, "reset"), options=options or None)
+            gp = self.index[p]  # the prompt's index in the whole batch: seeds and uid use it
+            prompt, _ = base.reset(seed=derive_seed(self.seed, gp, "reset"), options=options or None)
             core = unwrapped_forkable(base)
             task_obj = getattr(core.state, "task", None) or (task if not isinstance(task, str) else None)
             tid = getattr(task_obj, "id", task_id)
-            uid = f"{p}:{tid}"
+            uid = f"{gp}:{tid}"
             prompt_ids = tuple(int(t) for t in self.policy.encode_prompt(prompt))
             if not prompt_ids:
                 raise PolicyOutputError(f"policy.encode_prompt returned no tokens for prompt {p}")
             snap = env_snapshot(base)
             anchor = _state_hash(core)
             forest = Forest(uid=uid, task=task_obj, meta={"sampler": self.sampler, **params,
-                                                          "seed": self.seed, "prompt_index": p})
+                                                          "seed": self.seed, "prompt_index": gp})
             for m in range(n_trees):
                 root = Node(uid=uid, tree_id=m, node_id=0, obs_ids=prompt_ids, obs_text=prompt,
                             snapshot=snap, anchor_key=anchor)
@@ -129,8 +135,8 @@ class _Engine:
         active = list(conts)
         while active:
             requests = [GenRequest(prompt_ids=tuple(c.context), stop=self.stop,
-                                   seed=derive_seed(self.seed, c.p, c.tree.tree_id, c.wave, c.slot,
-                                                    c.turn), **self.gen)
+                                   seed=derive_seed(self.seed, self.index[c.p], c.tree.tree_id,
+                                                    c.wave, c.slot, c.turn), **self.gen)
                         for c in active]
             results = self.policy.generate(requests)
             self._check(results, active)
@@ -224,7 +230,8 @@ class _Engine:
                     if K > len(leaves):
                         raise ValueError(f"K={K} exceeds the {len(leaves)} leaves of tree "
                                          f"{tree.tree_id} of prompt {p}")
-                    rng = np.random.default_rng(derive_seed(self.seed, p, tree.tree_id, "sample_leaf"))
+                    rng = np.random.default_rng(derive_seed(self.seed, self.index[p], tree.tree_id,
+                                                            "sample_leaf"))
                     keep = set(rng.choice(len(leaves), size=K, replace=False).tolist())
                     for i, leaf in enumerate(leaves):
                         leaf.kept = i in keep
@@ -249,6 +256,19 @@ def _positive(name: str, value: Any) -> int:
     return int(value)
 
 
+def _prompt_index(index: Sequence[int] | None, n: int) -> tuple[int, ...]:
+    if index is None:
+        return tuple(range(n))
+    out = tuple(index)
+    if len(out) != n:
+        raise ValueError(f"prompt_index has {len(out)} entries for {n} tasks")
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in out):
+        raise ValueError(f"prompt_index must hold ints >= 0, got {list(out)}")
+    if len(set(out)) != n:
+        raise ValueError(f"prompt_index has repeated entries: {list(out)}")
+    return tuple(int(i) for i in out)
+
+
 def _nonneg(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -270,7 +290,7 @@ _GEN_DEFAULTS = dict(max_new_tokens=500, temperature=1.0, top_p=1.0, want_entrop
 
 def tree_grpo(policy, env, tasks: Sequence[Any], M: int = 2, N: int = 2, L: int = 1,
               K: int | None = None, seed: int = 0, *, granularity: str = "step",
-              **gen: Any) -> tuple[list[Forest], Budget]:
+              prompt_index: Sequence[int] | None = None, **gen: Any) -> tuple[list[Forest], Budget]:
     """Tree-GRPO's tree search (arXiv 2509.21240, AMAP-ML/Tree-GRPO), one forest per task.
 
     M trees per prompt, each initialised by one full chain from the prompt. Then L times, per tree:
@@ -296,22 +316,26 @@ def tree_grpo(policy, env, tasks: Sequence[Any], M: int = 2, N: int = 2, L: int 
             raise ValueError(f"K={K} exceeds the 1 + N·L = {1 + N * L} leaves each tree will have")
     if granularity not in ("step", "token"):
         raise ValueError(f"granularity must be 'step' or 'token', got {granularity!r}")
-    return _tree_search(policy, env, tasks, M, N, L, K, seed, granularity, "tree_grpo", gen)
+    return _tree_search(policy, env, tasks, M, N, L, K, seed, granularity, "tree_grpo", gen,
+                        prompt_index)
 
 
-def chain(policy, env, tasks: Sequence[Any], G: int = 6, seed: int = 0, **gen: Any
-          ) -> tuple[list[Forest], Budget]:
+def chain(policy, env, tasks: Sequence[Any], G: int = 6, seed: int = 0, *,
+          prompt_index: Sequence[int] | None = None, **gen: Any) -> tuple[list[Forest], Budget]:
     """GRPO's rollout: G independent chains per prompt (one single-path tree each)."""
     G = _positive("G", G)
-    return _tree_search(policy, env, tasks, G, 0, 0, None, seed, "step", "chain", gen)
+    return _tree_search(policy, env, tasks, G, 0, 0, None, seed, "step", "chain", gen,
+                        prompt_index)
 
 
-def _tree_search(policy, env, tasks, M, N, L, K, seed, granularity, name, gen):
+def _tree_search(policy, env, tasks, M, N, L, K, seed, granularity, name, gen,
+                 prompt_index=None):
     opts = {**_GEN_DEFAULTS, **gen}
     unknown = set(opts) - set(_GEN_DEFAULTS)
     if unknown:
         raise TypeError(f"{name}() got unexpected keyword arguments {sorted(unknown)}")
-    engine = _Engine(policy, env, tasks, seed=seed, sampler=name, **opts)
+    engine = _Engine(policy, env, tasks, seed=seed, sampler=name, prompt_index=prompt_index,
+                     **opts)
     engine.start(M, {"M": M, "N": N, "L": L, "K": K, "granularity": granularity})
     engine.run([engine.continuation(p, tree, tree.root, wave=0, slot=0)
                 for p, forest in enumerate(engine.forests) for tree in forest.trees])
@@ -319,7 +343,8 @@ def _tree_search(policy, env, tasks, M, N, L, K, seed, granularity, name, gen):
         conts = []
         for p, forest in enumerate(engine.forests):
             for tree in forest.trees:
-                rng = np.random.default_rng(derive_seed(seed, p, tree.tree_id, "expand", wave))
+                rng = np.random.default_rng(derive_seed(seed, engine.index[p], tree.tree_id,
+                                                        "expand", wave))
                 if granularity == "step":
                     cands = tree.internal_nodes()
                     for slot, i in enumerate(rng.integers(len(cands), size=N).tolist()):
@@ -342,8 +367,8 @@ def _answer_started(policy, node: Node) -> int:
 
 
 def entropy(policy, env, tasks: Sequence[Any], M: int = 6, N: int = 2, L: int = 1, T: int = 2,
-            K: int | None = None, seed: int = 0, *, granularity: str = "token", **gen: Any
-            ) -> tuple[list[Forest], Budget]:
+            K: int | None = None, seed: int = 0, *, granularity: str = "token",
+            prompt_index: Sequence[int] | None = None, **gen: Any) -> tuple[list[Forest], Budget]:
     """Entropy-guided tree search, TreeRL's EPTree (arXiv 2506.11902, THUDM/TreeRL
     `entropy_chain_local_manager.py`).
 
@@ -365,7 +390,8 @@ def entropy(policy, env, tasks: Sequence[Any], M: int = 6, N: int = 2, L: int = 
     unknown = set(opts) - set(_GEN_DEFAULTS)
     if unknown:
         raise TypeError(f"entropy() got unexpected keyword arguments {sorted(unknown)}")
-    engine = _Engine(policy, env, tasks, seed=seed, sampler="entropy", **opts)
+    engine = _Engine(policy, env, tasks, seed=seed, sampler="entropy", prompt_index=prompt_index,
+                     **opts)
     engine.start(M, {"M": M, "N": N, "L": L, "T": T, "K": K, "granularity": granularity})
     engine.run([engine.continuation(p, tree, tree.root, wave=0, slot=0)
                 for p, forest in enumerate(engine.forests) for tree in forest.trees])

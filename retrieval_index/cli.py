@@ -48,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=int, default=None, help="passages per resumable embedding shard (4096)")
     d.add_argument("--no-keep-embeddings", action="store_true", default=None,
                    help="delete the float32 passage vectors after building (saves disk; no re-index / torch backend)")
-    b.add_argument("--sparse", choices=["bm25", "lucene"], default=None, help="hybrid: the sparse side (bm25)")
+    h = b.add_argument_group("hybrid options (reciprocal-rank fusion, stored in the manifest)")
+    h.add_argument("--sparse", choices=["bm25", "lucene"], default=None, help="the sparse side (bm25)")
+    h.add_argument("--rrf-k", type=float, default=None, help="RRF constant k (default 60)")
+    h.add_argument("--sparse-weight", type=float, default=None,
+                   help="weight of the sparse side's RRF term, the dense side's is 1 (default 1; the synthetic "
+                        "worlds' tuned fusion is --rrf-k 100 --sparse-weight 1.25)")
 
     s = sub.add_parser("search", help="search an index")
     s.add_argument("index", type=Path)
@@ -94,16 +99,23 @@ def _build(args: argparse.Namespace) -> int:
             else:
                 opts[rename.get(f, f)] = getattr(args, f)
         opts["progress"] = not args.quiet
-        if args.sparse and args.kind == "hybrid":
-            opts["sparse"] = args.sparse
+        if args.kind == "hybrid":
+            if args.sparse:
+                opts["sparse"] = args.sparse
+            if args.rrf_k is not None:
+                opts["rrf_k"] = args.rrf_k
+            if args.sparse_weight is not None:
+                opts["weights"] = (args.sparse_weight, 1.0)
     elif dense_given:
         flags = ", ".join("--" + f.replace("_build", "").replace("_", "-") for f in dense_given)
         print(f"treegym index build: {flags} only apply to --kind dense or hybrid", file=sys.stderr)
         return 2
     elif args.kind == "bm25":
         opts["progress"] = not args.quiet
-    if args.sparse and args.kind != "hybrid":
-        print("treegym index build: --sparse only applies to --kind hybrid", file=sys.stderr)
+    hybrid_given = [f for f in ("sparse", "rrf_k", "sparse_weight") if getattr(args, f) is not None]
+    if hybrid_given and args.kind != "hybrid":
+        flags = ", ".join("--" + f.replace("_", "-") for f in hybrid_given)
+        print(f"treegym index build: {flags} only apply to --kind hybrid", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     retriever = build_index(args.corpus, args.kind, args.out, **opts)

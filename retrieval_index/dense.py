@@ -1,8 +1,8 @@
 """Dense retrieval (`kind="dense"`): encoder vectors + FAISS Flat / HNSW / IVF-PQ, or torch top-k.
 
 Why three FAISS types: Search-R1's flat e5 index of wiki-18 needs ~62 GB and OOMs GPUs; HNSW
-trades memory for speed, IVF-PQ cuts memory ~15x (96-byte codes instead of 1,536-byte vectors
-for a 384-d encoder) at a small recall cost (`treegym index eval` measures it). Why a torch
+trades memory for speed, IVF-PQ cuts memory 8-11x (136 bytes per passage at wiki-18 scale instead
+of 1,536-byte vectors for a 384-d encoder) at a small recall cost (`treegym index eval` measures it). Why a torch
 backend: when faiss-gpu is not installable, an exact top-k by sharded fp16/bf16 matmul is what
 users fall back to on a GPU; it is selectable on CPU too (fp32) so it is tested everywhere.
 
@@ -26,10 +26,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from treegym.retrieval_index.base import Hit
+from treegym.retrieval_index.base import Hit, check_search_args
 from treegym.retrieval_index.encoder import Encoder, encode_to_shards, encoder_from_config, iter_shards
 
 __all__ = ["DenseRetriever", "ShardedVectors", "build_dense_index", "load_dense_index", "make_faiss_index", "ivfpq_params",
+           "ivfpq_bytes",
            "FAISS_TYPES", "BACKENDS"]
 
 FAISS_TYPES = ("flat", "hnsw", "ivfpq")
@@ -93,8 +94,17 @@ def ivfpq_params(n: int, dim: int, *, nlist: int | None = None, m: int | None = 
       vector vs 1,536 B flat (1/11). Measured on the synthetic world's vectors (3,055 passages):
       ANN recall@10 vs Flat 0.92 with m=128 against 0.87 with m=96 (both with every list probed);
       m must divide dim. `rerank` (DenseRetriever) recovers exact order from the on-disk vectors.
-    - nbits = 8 once there are ≥ 256·39 vectors, else log2(n)-1 (a codebook cannot have more
-      centroids than training points).
+    - nbits: the largest (≤ 8) at which the whole index — codes, 8-byte ids, the PQ codebook
+      (2^nbits·dim floats) and the coarse centroids — takes ≤ 1/8 of Flat's bytes
+      (`ivfpq_bytes`). The codebook is fixed-size, so small corpora need fewer bits: on the
+      default synthetic world (3,055 passages, MiniLM) 8 bits took 304 B/passage (1/5 of Flat)
+      at 1.001x Flat's supporting-doc recall@10, 6 bits 176 B (1/8.7) at 0.997x, 5 bits 144 B
+      at 0.988x; the cost is search speed (FAISS has a fast path for 8-bit codes only: 1,458 vs
+      3,072 vector-searches/s there, still far above MiniLM's query encoding), so pass
+      `nbits=8` (`--pq-nbits 8`) where memory does not matter. From ~25k passages (384-d) 8 bits
+      fit. Below ~1,000 passages no setting of ≥ 5 bits fits (the index is a few hundred KB
+      anyway); there nbits = min(6, log2(n)-1): a codebook cannot have more centroids than
+      training points.
     - nprobe: at least 1/8 of the lists and enough to scan ~50k codes (so every list below ~50k
       passages). Questions sit far from passage clusters: on the synthetic world (3,055 passages,
       78 lists) supporting-doc recall@10 was 0.63 at nprobe 16, 0.66 at 32 and 0.74 (= Flat) at 78.
@@ -110,11 +120,19 @@ def ivfpq_params(n: int, dim: int, *, nlist: int | None = None, m: int | None = 
     if dim % m:
         raise ValueError(f"IVF-PQ m={m} must divide the vector dimension {dim}")
     if nbits is None:
-        nbits = 8 if n >= 256 * 39 else max(1, min(8, int(math.log2(n)) - 1))
+        fits = [b for b in range(8, 4, -1) if ivfpq_bytes(n, dim, nlist, m, b) * 8 <= n * dim * 4]
+        nbits = fits[0] if fits else max(1, min(6, int(math.log2(n)) - 1))
     if nprobe is None:
         # scan >= 1/8 of the lists and >= ~50k codes per query (all lists below ~50k passages)
         nprobe = max(16, nlist // 8, math.ceil(nlist * 50_000 / n))
     return {"nlist": int(nlist), "m": int(m), "nbits": int(nbits), "nprobe": int(min(nprobe, nlist))}
+
+
+def ivfpq_bytes(n: int, dim: int, nlist: int, m: int, nbits: int) -> int:
+    """Bytes of a FAISS IndexIVFPQ holding `n` vectors (its serialised size, within a few hundred
+    bytes of headers): per vector ceil(m·nbits/8) code bytes + an 8-byte id, plus the PQ codebook
+    (2^nbits centroids of dim floats) and the coarse quantizer (nlist centroids)."""
+    return n * (math.ceil(m * nbits / 8) + 8) + (2 ** nbits) * dim * 4 + nlist * dim * 4
 
 
 def make_faiss_index(vectors: np.ndarray, faiss_type: str = "flat", *, hnsw_m: int = 32, ef_construction: int = 200,
@@ -341,11 +359,9 @@ class DenseRetriever:
         return scores, rows
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        queries = list(queries)
+        queries = check_search_args(queries, k)
         out: list[list[Hit]] = [[] for _ in queries]
-        live = [i for i, q in enumerate(queries) if isinstance(q, str) and q.strip()]
+        live = [i for i, q in enumerate(queries) if q.strip()]
         if not live or self.ntotal == 0:
             return out  # blank queries get no hits, like the sparse backends
         q = self.encoder.encode_queries([queries[i] for i in live])

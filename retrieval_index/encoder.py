@@ -194,10 +194,13 @@ class Encoder:
                             self._query_cache.popitem(last=False)
         return out
 
-    def encode_passages(self, passages: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        return self._encode([self.passage_prefix + p for p in passages], progress=progress)
+    def encode_passages(self, passages: Sequence[str], *, progress: bool = False,
+                        on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Unit vectors of `passages`; `on_batch(rows)` is called after each encoded batch."""
+        return self._encode([self.passage_prefix + p for p in passages], progress=progress, on_batch=on_batch)
 
-    def _encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+    def _encode(self, texts: Sequence[str], *, progress: bool = False,
+                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         import torch
 
         n = len(texts)
@@ -219,6 +222,8 @@ class Encoder:
                 pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
                 out[idx] = pooled.cpu().numpy()
                 bar.update(len(idx))
+                if on_batch is not None:
+                    on_batch(len(idx))
         bar.close()
         return out
 
@@ -230,7 +235,7 @@ class Encoder:
 _SHARD = "emb-{:06d}.npy"
 
 
-def _progress(total: int, desc: str, *, enabled: bool, initial: int = 0):
+def _progress(total: int | None, desc: str, *, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     # tqdm shows rate and ETA; disabled bars cost nothing in tests.
@@ -272,25 +277,31 @@ def encode_to_shards(encoder: Encoder, passages: Iterable[str], out_dir: str | o
     tmp_meta = meta_path.with_suffix(".json.tmp")
     tmp_meta.write_text(json.dumps(meta), encoding="utf-8")
     os.replace(tmp_meta, meta_path)
-    bar = _progress(total or 0, "encoding passages", enabled=progress)
+    # The bar starts at the first shard that needs encoding, at the passages already done, so its
+    # rate and ETA measure encoding only (shards kept from a crashed run would look instantaneous
+    # and make the ETA of a resumed run far too optimistic); it moves after every batch.
+    bar = None
     count = 0
     shard_index = 0
     reused = encoded = 0
     buf: list[str] = []
 
     def flush() -> None:
-        nonlocal shard_index, reused, encoded
+        nonlocal shard_index, reused, encoded, bar
         path = out / _SHARD.format(shard_index)
         if _shard_ok(path, len(buf), encoder.dim):
-            bar.update(len(buf))  # resumed: this shard was finished by an earlier run
-            reused += 1
+            reused += 1  # resumed: this shard was finished by an earlier run
+            if bar is not None:
+                bar.update(len(buf))
         else:
             encoded += 1
-            emb = encoder.encode_passages(buf)
+            if bar is None:
+                bar = _progress(total or None, "encoding passages", enabled=progress,
+                                initial=count - len(buf))
+            emb = encoder.encode_passages(buf, on_batch=bar.update)
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, emb)
             os.replace(tmp, path)
-            bar.update(len(buf))
         if on_shard is not None:
             on_shard(shard_index, len(buf))
         shard_index += 1
@@ -303,7 +314,8 @@ def encode_to_shards(encoder: Encoder, passages: Iterable[str], out_dir: str | o
             flush()
     if buf:
         flush()
-    bar.close()
+    if bar is not None:
+        bar.close()
     # Drop stale shards past the end (a corpus that shrank between runs).
     for f in out.glob("emb-*.npy"):
         try:

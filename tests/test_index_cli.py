@@ -65,3 +65,21 @@ def test_bad_input_is_one_line_and_exit_2(world_dir, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         treegym(["index", "build", "--corpus", "x", "--kind", "nope", "--out", "y"])
+
+
+def test_build_hybrid_with_weighted_rrf(world_dir, tmp_path, capsys):
+    idx = tmp_path / "hybrid"
+    assert treegym(["index", "build", "--corpus", str(world_dir / "corpus.jsonl"), "--kind", "hybrid",
+                    "--rrf-k", "100", "--sparse-weight", "1.25", "--out", str(idx), "--quiet"]) == 0
+    params = json.loads((idx / "manifest.json").read_text())["params"]
+    assert (params["rrf_k"], params["weights"], params["sparse"]) == (100.0, [1.25, 1.0], "bm25")
+    capsys.readouterr()
+    assert treegym(["index", "search", str(idx), "born in", "-k", "3"]) == 0
+    assert "  3. [" in capsys.readouterr().out
+    # bad fusion settings: one line, exit 2, nothing half-built
+    assert treegym(["index", "build", "--corpus", str(world_dir / "corpus.jsonl"), "--kind", "hybrid",
+                    "--sparse-weight", "-1", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "weights must be finite, >= 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert treegym(["index", "build", "--corpus", str(world_dir / "corpus.jsonl"), "--kind", "bm25",
+                    "--rrf-k", "10", "--out", str(tmp_path / "b")]) == 2
+    assert "--rrf-k only apply to --kind hybrid" in capsys.readouterr().err

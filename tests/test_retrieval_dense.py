@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from treegym.envs.data.synthetic import make_world
 from treegym.retrieval_index import InvalidIndexError, build_index, load_index
-from treegym.retrieval_index.dense import DenseRetriever, ShardedVectors, ivfpq_params
+from treegym.retrieval_index.dense import DenseRetriever, ShardedVectors, ivfpq_bytes, ivfpq_params, make_faiss_index
 from treegym.retrieval_index.encoder import (Encoder, EncoderError, default_model_dir, encode_to_shards,
                                              load_shards)
 from treegym.retrieval_index.evaluate import evaluate_retriever, normalize_text
@@ -22,6 +25,10 @@ from treegym.retrieval_index.hybrid import HybridRetriever, rrf_fuse
 from treegym.retrieval_index.base import Hit
 
 faiss = pytest.importorskip("faiss")
+
+# Weighted RRF chosen by benchmarks/retrieval_fusion.py on worlds 1-19 (this module's world is
+# seed 0, never used for the choice): the grid's best worst-world margin over max(bm25, dense).
+SYNTHETIC_FUSION = {"rrf_k": 100.0, "weights": (1.25, 1.0), "depth": 100}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +71,7 @@ def metrics(idx, tasks):
     """recall metrics per backend, computed once (each evaluation encodes 300 questions)."""
     m = {name: evaluate_retriever(idx[name], tasks) for name in ("bm25", "flat", "ivfpq")}
     m["hybrid"] = evaluate_retriever(HybridRetriever([idx["bm25"], idx["flat"]]), tasks)
+    m["hybrid_tuned"] = evaluate_retriever(HybridRetriever([idx["bm25"], idx["flat"]], **SYNTHETIC_FUSION), tasks)
     print("\nrecall on", len(tasks), "synthetic questions:",
           json.dumps({k: {kk: round(vv, 3) for kk, vv in v.items() if "recall" in kk} for k, v in m.items()}))
     return m
@@ -140,6 +148,21 @@ def test_encoding_resumes_after_a_crash(encoder, tmp_path):
     assert report.shards_reused == 0
 
 
+def test_encoding_progress_shows_an_eta_that_counts_only_new_work(encoder, tmp_path, capsys):
+    """The bar (tqdm: done/total, elapsed<remaining, rate) of a resumed run starts at the passages
+    kept from the crashed run, so its rate and ETA measure encoding only."""
+    texts = [f"passage {i} about the river of Theseis" for i in range(23)]
+    encode_to_shards(encoder, iter(texts[:10]), tmp_path, total=10, shard_size=5, progress=True)
+    first = capsys.readouterr().err
+    assert "encoding passages" in first and " 0/10 [" in first and "10/10 [" in first
+    assert re.search(r"10/10 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+psg/s\]", first), first
+    report = encode_to_shards(encoder, iter(texts), tmp_path, total=23, shard_size=5, progress=True)
+    resumed = capsys.readouterr().err
+    assert report.shards_reused == 2 and " 0/23" not in resumed and "10/23 [" in resumed and "23/23 [" in resumed
+    encode_to_shards(encoder, iter(texts), tmp_path, total=23, shard_size=5, progress=True)
+    assert capsys.readouterr().err == ""  # nothing left to encode: no bar
+
+
 # --- dense index -------------------------------------------------------------------------------
 
 
@@ -177,6 +200,16 @@ def test_blank_queries_get_no_hits(idx):
     assert idx["flat"].search([], 3) == []
     with pytest.raises(ValueError):
         idx["flat"].search(["x"], 0)
+
+
+def test_non_str_queries_are_refused_like_the_other_backends(idx):
+    """The same `check_search_args` as bm25/lucene/remote/hybrid: a wrong type is an error, not
+    a silent empty hit list (a bare str would otherwise search each of its characters)."""
+    for bad in ([None], ["Dosund", 3], [b"Dosund"]):
+        with pytest.raises(TypeError, match="queries must be str"):
+            idx["flat"].search(bad, 3)
+    with pytest.raises(TypeError, match="not a single str"):
+        idx["flat"].search("Dosund", 3)
 
 
 def test_torch_backend_matches_faiss_flat(idx):
@@ -228,8 +261,30 @@ def test_ivfpq_params_fit_small_and_large_corpora():
     assert big["nbits"] == 8 and big["m"] == 128 and big["m"] + 8 <= 384 * 4 / 8  # ≤ 1/8 of flat per vector
     assert big["nprobe"] >= big["nlist"] // 8 and ivfpq_params(20_000, 384)["nprobe"] == ivfpq_params(20_000, 384)["nlist"]
     assert ivfpq_params(1000, 768)["m"] == 256
+    # the default synthetic world's size: 6-bit codes make the whole index <= 1/8 of Flat
+    assert ivfpq_params(3055, 384)["nbits"] == 6 and ivfpq_params(100_000, 384)["nbits"] == 8
     with pytest.raises(ValueError, match="divide"):
         ivfpq_params(1000, 384, m=7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1000, 10**9), dim=st.sampled_from([256, 384, 512, 768, 1024]))
+def test_default_ivfpq_fits_in_an_eighth_of_flat(n, dim):
+    """Issue 6's memory goal, for every corpus of >= 1,000 passages: the whole default IVF-PQ
+    index (codes, ids, PQ codebook, coarse centroids) takes <= 1/8 of Flat's n·dim·4 bytes."""
+    p = ivfpq_params(n, dim)
+    assert ivfpq_bytes(n, dim, p["nlist"], p["m"], p["nbits"]) * 8 <= n * dim * 4
+    assert 5 <= p["nbits"] <= 8 and dim % p["m"] == 0
+
+
+def test_ivfpq_bytes_is_the_real_index_size():
+    """At the default world's size (3,055 passages), measured on a real trained FAISS index."""
+    vecs = np.random.default_rng(0).standard_normal((3055, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index, p = make_faiss_index(vecs, "ivfpq")
+    real = faiss.serialize_index(index).nbytes
+    assert abs(real - ivfpq_bytes(3055, 384, p["nlist"], p["m"], p["nbits"])) < 1024, (real, p)
+    assert real * 8 <= vecs.nbytes  # 1/8.7 of Flat (measured recall@10 0.997x Flat on the real world)
 
 
 def test_ivfpq_recall_close_to_flat(metrics, idx):
@@ -247,20 +302,35 @@ def test_dense_vs_bm25_recall(metrics):
 
 
 def test_hybrid_at_least_as_good_as_either(metrics):
-    """RRF (k=60, depth 100) is not a theorem: measured on this world (seed 0) hybrid recall@10 is
-    0.823 vs BM25 0.824 (one supporting doc of a 3-hop task apart) and dense 0.787; on seed 1 it is
-    0.817 vs 0.802 / 0.778. So: at least the better of the two, within 1 point."""
-    best = max(metrics["bm25"]["recall@10"], metrics["flat"]["recall@10"])
-    assert metrics["hybrid"]["recall@10"] >= best - 0.01, (metrics["hybrid"], best)
-    assert metrics["hybrid"]["recall@10"] > min(metrics["bm25"]["recall@10"], metrics["flat"]["recall@10"])
+    """Issue 6: hybrid recall@10 >= max(bm25, dense), on this module's world (seed 0, 300 questions),
+    with the fusion chosen on 19 other worlds (benchmarks/retrieval_fusion.py). Measured:
+
+    - chosen, weighted RRF (k=100, sparse weight 1.25): 0.8244 vs BM25 0.8239, dense 0.7872; on the
+      19 selection worlds it was never below the better backend (margin +0.0106 mean, +0.0017 worst);
+    - default RRF (k=60, equal weights): 0.8233, 0.0006 below BM25 (and below the better backend
+      in 1 of the 19 selection worlds): asserted within 1 point, as RRF is no theorem;
+    - score fusion (min-max / z-score CombSUM, pyserini's interpolation) lost ~1-2 points to RRF.
+
+    Why all 300 questions and not the world's 30-question test split: on 30 questions one doc moves
+    recall by up to 3 points; there both RRF settings give 0.794 vs BM25 0.828, and on random
+    30-question subsets of the selection worlds hybrid >= max held only ~75-80% of the time.
+    """
+    bm25, dense = metrics["bm25"]["recall@10"], metrics["flat"]["recall@10"]
+    assert metrics["hybrid_tuned"]["recall@10"] >= max(bm25, dense), (metrics["hybrid_tuned"], bm25, dense)
+    assert metrics["hybrid"]["recall@10"] >= max(bm25, dense) - 0.01, (metrics["hybrid"], bm25, dense)
+    assert metrics["hybrid"]["recall@10"] > min(bm25, dense)
 
 
 def test_hybrid_index_kind(world, idx, encoder, tmp_path):
     _, corpus = world
     built = build_index(corpus, "hybrid", tmp_path / "hy", encoder=encoder, embeddings_from=idx["root"] / "flat",
-                        progress=False)
+                        progress=False, **SYNTHETIC_FUSION)
     loaded = load_index(tmp_path / "hy")
     assert isinstance(loaded, HybridRetriever) and loaded.manifest.kind == "hybrid"
+    # the fusion settings travel in the manifest; load-time arguments override them
+    assert (loaded.rrf_k, loaded.weights, loaded.depth) == (100.0, [1.25, 1.0], 100)
+    assert load_index(tmp_path / "hy", weights=None, rrf_k=60).rrf_k == 60
+    assert load_index(tmp_path / "hy", weights=(1, 2)).weights == [1.0, 2.0]
     qs = ["Where was Rigriar Muzhoun born?"]
     assert [h.doc_id for h in built.search(qs, 5)[0]] == [h.doc_id for h in loaded.search(qs, 5)[0]]
     # each half is a complete index of its own
@@ -275,6 +345,20 @@ def test_rrf_fuse_orders_by_reciprocal_rank():
     assert [h.doc_id for h in fused] == ["a", "c", "b", "d"]
     assert fused[0].score == pytest.approx(1 / 61 + 1 / 62)
     assert fused[0].title == "A"
+
+
+def test_weighted_rrf_and_bad_weights(idx):
+    def hits(*ids):
+        return [Hit(d, 0.0, d.upper(), "") for d in ids]
+
+    # a sparse weight of 2 lifts the sparse side's second doc above the dense side's first
+    fused = rrf_fuse([hits("a", "b"), hits("c", "a")], 3, rrf_k=1, weights=(2, 1))
+    assert [h.doc_id for h in fused] == ["a", "b", "c"]
+    assert fused[0].score == pytest.approx(2 / 2 + 1 / 3)
+    assert [h.doc_id for h in rrf_fuse([hits("a", "b"), hits("c", "a")], 3, rrf_k=1)] == ["a", "c", "b"]
+    for bad in ((1,), (1, -1), (0, 0), (1, float("nan")), ("x", 1)):
+        with pytest.raises(ValueError, match="weights"):
+            HybridRetriever([idx["bm25"], idx["flat"]], weights=bad)
 
 
 def test_evaluate_counts_answers_as_whole_tokens():

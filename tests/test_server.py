@@ -168,6 +168,24 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_server_keeps_serving(client, 
     assert ok.status_code == 200 and len(ok.json()["result"][0]) == 1
 
 
+def test_default_limits_are_the_issues(retriever, known):
+    """Without a Limits argument: at most 512 queries, 4,096 chars per query, topk 1..100."""
+    handle = serve_in_thread(create_app(retriever))
+    try:
+        with httpx.Client(base_url=handle.url, timeout=60) as c:
+            def post(body):
+                return c.post("/retrieve", json=body)
+
+            assert post({"queries": [known] * 512, "topk": 100}).status_code == 200
+            assert post({"queries": [known] * 513}).status_code == 413
+            assert post({"queries": ["a" * 4096]}).status_code == 200
+            assert post({"queries": ["a" * 4097]}).status_code == 413
+            assert post({"queries": [known], "topk": 101}).status_code == 422
+            assert len(post({"queries": [known], "topk": 2}).json()["result"][0]) == 2
+    finally:
+        handle.stop()
+
+
 def test_wrong_method_and_path_are_4xx(client):
     assert client.get("/retrieve").status_code == 405
     assert client.post("/nope", json={}).status_code == 404

@@ -123,7 +123,9 @@ def test_config_cli_errors(capsys):
     assert "steps" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="rollout.G"):
         parse_args(["--rollout.G", "0"])
-    web = parse_args(["--env", "TreeWebAgent-v0", "--reward", "em", "--max-tool-calls", "4"])
+    web = parse_args(["--env", "TreeWebAgent-v0", "--reward", "em", "--max-tool-calls", "4",
+                      "--split", "dev", "--eval-split", "test"])
     assert (web.env, web.reward, web.max_tool_calls) == ("TreeWebAgent-v0", "em", 4)
+    assert (web.split, web.eval_split) == ("dev", "test")
     with pytest.raises(SystemExit):
         parse_args(["--env", "TreeChess-v0"])

@@ -255,3 +255,13 @@ def test_web_eval_matches_env_rewards(small_world):
             [ep] = run_episodes(policy, env, [task], max_new_tokens=10_000)
             assert ep.answer == answer and ep.reward == ep.f1 == f1_score(answer, task.answers)
             assert want is None or ep.f1 == want
+
+
+def test_rl_prompts_come_from_the_configured_split(sft_model, small_world, tmp_path):
+    from treegym.train.trainer import Trainer
+
+    tr = Trainer(_cfg(sft_model, tmp_path, split="dev", eval_split="test", steps=0), dataset=small_world)
+    assert {t.id for t in tr.tasks} == {t.id for t in small_world.tasks("dev")}
+    assert tr.dev_env().unwrapped.split == "test"
+    with pytest.raises(ValueError, match="holdout"):
+        Trainer(_cfg(sft_model, tmp_path / "x", split="holdout"), dataset=small_world)

@@ -141,12 +141,12 @@ def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
 
 def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prompts: int,
             lr: float, minibatch_prompts: int = 2, test_n: int, threads: int, max_new_tokens: int, log: Any,
-            env_id: str = QA_ENV) -> dict:
+            env_id: str = QA_ENV, rl_split: str = "train") -> dict:
     from treegym.train.config import TrainConfig
     from treegym.train.trainer import Trainer
 
     tag = "" if env_id == QA_ENV else "web-"
-    cfg = TrainConfig(model=str(model_dir), env=env_id, data="synthetic",
+    cfg = TrainConfig(model=str(model_dir), env=env_id, data="synthetic", split=rl_split,
                       out=str(out / f"{tag}{arm.method}-{arm.config}-s{seed}"),
                       algo=arm.algo, advantage=arm.advantage, steps=steps, prompts_per_step=prompts,
                       minibatch_prompts=minibatch_prompts, seed=seed, eval_every=0, save_every=10 ** 9,
@@ -295,6 +295,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--env", nargs="+", choices=(QA_ENV, WEB_ENV), default=None,
                    help=f"envs to study (default: both with --quick — the web row is chain G4 vs tree "
                         f"M2N2L1 — and {QA_ENV} only for the full study)")
+    p.add_argument("--rl-split", default="train",
+                   help="split the RL prompts come from (default train, the questions the SFT warm start "
+                        "was trained on; 'dev' gives RL questions the warm start never saw)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-repo-json", action="store_true", help="do not write benchmarks/results/bench_*.json")
     a = p.parse_args(list(argv) if argv is not None else None)
@@ -344,14 +347,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                 row = run_arm(arm, seed, starts[env_id], out, steps=steps, prompts=prompts, lr=a.lr,
                               minibatch_prompts=a.minibatch_prompts, test_n=test_n, threads=a.threads,
                               max_new_tokens=a.max_new_tokens or MAX_NEW_TOKENS[env_id], log=log,
-                              env_id=env_id)
+                              env_id=env_id, rl_split=a.rl_split)
                 log(f"  -> test EM {row['test_em']:.3f}, F1 {row['test_f1']:.3f}, "
                     f"{row['tokens_per_prompt']:.0f} tokens/prompt, rollout {row['rollout_s']:.0f}s, "
                     f"update {row['update_s']:.0f}s")
                 rows.append(row)
                 meta = {"commit": _git_commit(), "machine": _machine(), "quick": a.quick, "steps": steps,
                         "prompts": prompts, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts,
-                        "test_n": test_n, "seeds": seeds, "envs": envs,
+                        "test_n": test_n, "seeds": seeds, "envs": envs, "rl_split": a.rl_split,
                         "warmstarts": {k: str(v) for k, v in starts.items()},
                         "wall_s": time.perf_counter() - t_start}
                 md, js, png = write_results(out, rows, meta)  # after every run: partial results survive

@@ -70,6 +70,8 @@ class TrainConfig:
     env: EnvId = "TreeSearchQA-v0"        # the environment RL runs in (the same samplers for both)
     data: str = "synthetic:multihop"      # anything `resolve_dataset` accepts
     site: str = "synthetic"               # TreeWebAgent-v0 only: "synthetic" or a folder of HTML files
+    split: str = "train"                  # the split RL draws its prompts from
+    eval_split: str = "dev"               # the split of the periodic evals
     out: str = "runs/train"               # run directory (config, metrics, trees, checkpoints)
     algo: Algo = "tree_grpo"
     advantage: str = ""                   # advantage estimator; "" = the algo's own

@@ -155,7 +155,7 @@ class Trainer:
         env_kw = dict(retriever=self.cfg.retriever, topk=self.cfg.topk,
                       max_tool_calls=self.cfg.max_tool_calls, reward=self.cfg.reward)
         env_kw = dict(env_kw, env_id=self.cfg.env, site=self.cfg.site)
-        self.env = make_env(data, "train", **env_kw)
+        self.env = make_env(data, self.cfg.split, **env_kw)
         self._dev_env_args = (data, env_kw)
         self._dev_env = None
         self.tasks = list(self.env.unwrapped.tasks)
@@ -540,7 +540,7 @@ class Trainer:
             from treegym.train.evaluate import make_env
 
             data, kw = self._dev_env_args
-            self._dev_env = make_env(data, "dev", **kw)
+            self._dev_env = make_env(data, self.cfg.eval_split, **kw)
         return self._dev_env
 
     def evaluate(self, split_env: Any = None, n: int | None = None) -> dict[str, float]:

@@ -14,6 +14,6 @@ _SUBPACKAGES = find_packages(where=".", exclude=_NOT_PACKAGED)
 setup(
     packages=["treegym"] + [f"treegym.{name}" for name in _SUBPACKAGES],
     package_dir={"treegym": "."},
-    package_data={"treegym": ["py.typed", "train/warmstart/*"]},
+    package_data={"treegym": ["py.typed", "train/warmstart/*", "train/warmstart_web/*"]},
     include_package_data=False,
 )

@@ -68,3 +68,25 @@ def test_bench_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--env", "TreeChess-v0"])
     assert "--env" in capsys.readouterr().err
+
+
+def test_from_scratch_builds_the_qa_then_the_web_warm_start(tmp_path, one_torch_thread):
+    """`bench --from-scratch`'s path, on a small world with a tiny plan: the web warm start is
+    grown from a freshly built QA one (tags added), never from the committed files."""
+    from transformers import AutoTokenizer
+
+    from treegym.agents.tiny import WEB_TAGS
+    from treegym.envs.data.synthetic import synthetic_dataset
+    from treegym.train.bench import WEB_ENV, warm_start
+
+    world = synthetic_dataset(5, n_people=30, n_cities=6, n_countries=3, n_orgs=6, n_works=8,
+                              n_questions=60)
+    plan = dict(lm_steps=2, act_steps=2, batch=2, lr=1e-3, eval_every=0, eval_n=2, seed=0,
+                n_layer=1, d_model=32, n_head=2)
+    web = warm_start(tmp_path, from_scratch=True, sft_kwargs=plan, log=lambda *_: None,
+                     env_id=WEB_ENV, data=world, replan=False)
+    assert web == tmp_path / "sft_web" and (tmp_path / "sft" / "model.safetensors").is_file()
+    meta = json.loads((web / "sft_meta.json").read_text())
+    assert meta["env"] == WEB_ENV and meta["lm_steps"] == 2 and meta["act_steps"] == 2
+    assert set(WEB_TAGS) <= set(AutoTokenizer.from_pretrained(web).get_vocab())
+    assert not set(WEB_TAGS) & set(AutoTokenizer.from_pretrained(tmp_path / "sft").get_vocab())

@@ -119,9 +119,13 @@ def _replan(env_id: str, sft_kwargs: dict) -> dict:
 
 
 def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
-               env_id: str = QA_ENV, qa_start: Path | None = None) -> Path:
+               env_id: str = QA_ENV, qa_start: Path | None = None, data: Any = "synthetic",
+               replan: bool = True) -> Path:
     """The committed warm start of `env_id` (hash-checked), or a fresh SFT run when asked or when
-    missing. The web warm start grows from the QA one (`qa_start`, else the QA warm start)."""
+    missing. The web warm start grows from the QA one (`qa_start`, else the QA warm start).
+
+    A fresh run repeats the committed run's plan (`replan`; steps, batch, lr, seed from its
+    `sft_meta.json`); `replan=False` uses `sft_kwargs` as given (tests, other worlds)."""
     if not from_scratch:
         found = _committed(env_id, log)
         if found is not None:
@@ -132,10 +136,12 @@ def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
 
     base = None
     if env_id == WEB_ENV:
-        base = qa_start or warm_start(out, from_scratch=from_scratch, log=log, sft_kwargs=sft_kwargs)
+        base = qa_start or warm_start(out, from_scratch=from_scratch, log=log, sft_kwargs=sft_kwargs,
+                                      data=data, replan=replan)
     target = out / ("sft" if env_id == QA_ENV else "sft_web")
-    run_sft(resolve_dataset("synthetic"), target, log=log, model_dir=base, env_id=env_id,
-            **_replan(env_id, sft_kwargs))
+    dataset = resolve_dataset(data) if isinstance(data, str) else data
+    run_sft(dataset, target, log=log, model_dir=base, env_id=env_id,
+            **(_replan(env_id, sft_kwargs) if replan else sft_kwargs))
     return target
 
 

@@ -120,7 +120,7 @@ class WebState(EnvState):
     url: str | None = None
     part: int = 0
     visited: tuple[str, ...] = ()
-    results: tuple[str, ...] | None = None  # URLs of the search results on screen; None: a page is
+    results: tuple[str, ...] | None = None  # URLs of the search results on screen (None: none are)
 
 
 # ----------------------------------------------------------------------------------------------

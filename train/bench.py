@@ -41,7 +41,7 @@ WARMSTART_WEB_DIR = WARMSTART_DIR.parent / "warmstart_web"
 WARMSTARTS = {QA_ENV: WARMSTART_DIR, WEB_ENV: WARMSTART_WEB_DIR}
 # Per-env generation budget: a web action carries a URL (~20 tokens with the tiny tokenizer).
 MAX_NEW_TOKENS = {QA_ENV: 24, WEB_ENV: 32}
-HEADLINE = {QA_ENV: ("test_em", "EM"), WEB_ENV: ("test_f1", "F1")}  # the paper's metric per setting
+HEADLINE = {QA_ENV: "EM", WEB_ENV: "F1"}  # the paper's metric per setting (summary keys em_* / f1_*)
 REPO_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
@@ -220,7 +220,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> tuple[Path, Path, 
              f"seeds {meta['seeds']}", ""]
     envs = list(dict.fromkeys(a["env"] for a in agg))
     for env_id in envs:
-        key, name = HEADLINE[env_id]
+        name = HEADLINE[env_id]
         other = "F1" if name == "EM" else "EM"
         if len(envs) > 1 or env_id != QA_ENV:
             lines += [f"## {env_id} (test {name})", ""]
@@ -229,8 +229,7 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> tuple[Path, Path, 
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for a in sorted((a for a in agg if a["env"] == env_id),
                         key=lambda a: (a["method"] != "sft", a["method"], a["budget"])):
-            head, std, oth = ((a["em_mean"], a["em_std"], a["f1_mean"]) if name == "EM"
-                              else (a["f1_mean"], a["f1_std"], a["em_mean"]))
+            head, std, oth = a[f"{name.lower()}_mean"], a[f"{name.lower()}_std"], a[f"{other.lower()}_mean"]
             lines.append(f"| {a['method']} | {a['config']} | {a['budget']:g} | {100 * head:.1f} ± "
                          f"{100 * std:.1f} | {100 * oth:.1f} | {a['tokens_per_prompt']:.0f} | "
                          f"{a['tool_calls_per_prompt']:.2f} | {a['rollout_s']:.0f} | {a['update_s']:.0f} | {a['n']} |")
@@ -256,8 +255,8 @@ def _plot(agg: list[dict], png: Path) -> None:
     envs = list(dict.fromkeys(a["env"] for a in agg))
     fig, axes = plt.subplots(1, len(envs), figsize=(6 * len(envs), 4), squeeze=False)
     for ax, env_id in zip(axes[0], envs):
-        _, name = HEADLINE[env_id]
-        mean, std = ("em_mean", "em_std") if name == "EM" else ("f1_mean", "f1_std")
+        name = HEADLINE[env_id]
+        mean, std = f"{name.lower()}_mean", f"{name.lower()}_std"
         rows = [a for a in agg if a["env"] == env_id]
         for method in sorted({a["method"] for a in rows} - {"sft"}):
             pts = sorted((a["budget"], a[mean], a[std]) for a in rows if a["method"] == method)

@@ -11,8 +11,14 @@ recall@3 ± 1 point). Also the bm25 throughput on the default synthetic world (i
 Corpus: a seeded Zipfian vocabulary of invented words plus English stop words, ~80 words per
 passage, a two-word title; queries are 4–8 distinct words drawn from a random target passage.
 
-Other kinds (dense, hybrid) plug in with ``--kinds dense``: every kind goes through the same
-``build_index`` / ``search`` path (:func:`build_kind`) and is timed by :func:`measure`.
+Other kinds plug in with ``--kinds bm25,lucene,dense,hybrid``: every kind goes through the same
+``build_index`` / ``search`` path (:func:`build_kind`) and is timed by :func:`measure`. ``dense``
+really encodes every passage (all-MiniLM-L6-v2; ~76 min per 100k passages in fp32 on 2 cores,
+``--dense-int8`` ~3x faster), then adds one row per FAISS type in ``--dense-faiss`` built from the
+same vectors (``embeddings_from``); ``hybrid`` fuses the bm25 and Flat indexes the same way. Dense
+rows time the whole query path (encode + search) with the query cache off.
+
+    .venv/bin/python benchmarks/retrieval.py --kinds bm25,lucene,dense,hybrid --dense-int8
 """
 
 from __future__ import annotations
@@ -104,6 +110,54 @@ def build_kind(kind: str, corpus: Path, queries: list[str], out_dir: Path, k: in
     return system, r
 
 
+def build_dense_kinds(corpus: Path, queries: list[str], work: Path, faiss_types: Sequence[str], k: int = 3,
+                      hybrid: bool = False, **encoder_opts: Any) -> list[System]:
+    """Encode the corpus once (the first FAISS type's build), then build the other types and the
+    hybrid from those vectors; every row searches through ``Retriever.search`` with no query cache,
+    so its q/s include encoding the queries."""
+    from treegym.retrieval_index import build_index
+
+    systems: list[System] = []
+    first_dir: Path | None = None
+    encoder = None
+    for ftype in faiss_types:
+        out = work / f"idx-dense-{ftype}"
+        reuse = {} if first_dir is None else {"embeddings_from": first_dir, "encoder": encoder}
+        t = time.perf_counter()
+        r = build_index(corpus, "dense", out, faiss=ftype, **(encoder_opts if first_dir is None else {}), **reuse)
+        build_s = time.perf_counter() - t
+        encoder = r.encoder
+        encoder.query_cache_size = 0  # a cached query would be timed as a pure vector search
+        encoder._query_cache.clear()
+        if first_dir is None:
+            first_dir = out
+            note = "encode + faiss"
+        else:
+            note = "faiss only, vectors reused"
+        ids = [[h.doc_id for h in hits] for hits in r.search(queries, k)]
+        systems.append(System(f"dense {ftype} (treegym; build: {note})", lambda q, r=r: r.search([q], k),
+                              lambda qs, r=r: r.search(qs, k), ids, build_s, index_bytes(out) / len(r)))
+        print(f"  dense {ftype}: {build_s:.1f} s", flush=True)
+    if hybrid and first_dir is not None:
+        out = work / "idx-hybrid"
+        t = time.perf_counter()
+        r = build_index(corpus, "hybrid", out, faiss=faiss_types[0], embeddings_from=first_dir, encoder=encoder,
+                        progress=False)
+        build_s = time.perf_counter() - t
+        r.retrievers[1].encoder.query_cache_size = 0
+        ids = [[h.doc_id for h in hits] for hits in r.search(queries, k)]
+        systems.append(System(f"hybrid bm25 + dense {faiss_types[0]} (RRF; build: bm25 + faiss, vectors reused)",
+                              lambda q, r=r: r.search([q], k), lambda qs, r=r: r.search(qs, k), ids, build_s,
+                              index_bytes(out) / len(r)))
+        print(f"  hybrid: {build_s:.1f} s", flush=True)
+    return systems
+
+
+def index_bytes(out: Path) -> int:
+    """What a search needs on disk: everything but the kept raw embeddings (a build-time cache)."""
+    return sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and "embeddings" not in f.parts)
+
+
 def measure(systems: list[System], queries: list[str], *, rounds: int = 3, single_n: int = 500) -> None:
     """Best of ``rounds``, the systems interleaved within each round, so that load from other
     users of a shared machine hits all of them alike (ratios stay meaningful)."""
@@ -127,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--docs", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=2_000)
     ap.add_argument("--kinds", default="bm25,lucene", help="comma list: bm25, lucene, dense, hybrid")
+    ap.add_argument("--dense-faiss", default="flat,hnsw,ivfpq", help="FAISS types for the dense rows")
+    ap.add_argument("--dense-int8", action="store_true", help="encode with int8 dynamic quantization (~3x faster on CPU)")
+    ap.add_argument("--dense-max-length", type=int, default=256, help="encoder max tokens per passage")
+    ap.add_argument("--faiss-threads", type=int, default=1,
+                    help="FAISS OpenMP threads (1: on a shared 2-core machine spinning OpenMP threads made single "
+                         "HNSW queries ~10x slower)")
     ap.add_argument("--threads", type=int, default=2, help="threads for batched search (pyserini batch_search, bm25)")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (best of)")
     ap.add_argument("--world", action=argparse.BooleanOptionalAction, default=True,
@@ -134,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     kinds = [x.strip() for x in args.kinds.split(",") if x.strip()]
+    if "dense" in kinds:
+        import faiss
+        faiss.omp_set_num_threads(args.faiss_threads)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="treegym-bench-retrieval-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -147,6 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     k = 3
     for kind in kinds:
         print(f"building {kind} ...", flush=True)
+        if kind == "hybrid":
+            if "dense" not in kinds:
+                raise SystemExit("--kinds hybrid needs dense too (it fuses bm25 with the dense vectors)")
+            continue
+        if kind == "dense":
+            systems += build_dense_kinds(corpus, queries, work, [f.strip() for f in args.dense_faiss.split(",")], k=k,
+                                         hybrid="hybrid" in kinds, quantize=args.dense_int8,
+                                         max_length=args.dense_max_length)
+            continue
         system, r = build_kind(kind, corpus, queries, work / f"idx-{kind}", k=k)
         systems.append(system)
         if kind == "bm25" and args.threads > 1:
@@ -182,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {s.name} | {s.build_s:.1f} | {s.bytes_per_passage:.0f} | {fmt(s.single_qps, ',.0f')} | "
               f"{s.batched_qps:,.0f} | {recall_at(s.ids, targets):.4f} | {fmt(ov, '.4f')} | {fmt(rb, '.2f', '×')} | "
               f"{fmt(rs, '.2f', '×')} |")
+    flat = next((s for s in systems if s.name.startswith("dense flat")), None)
+    for s in systems:
+        if flat and s.name.startswith("dense ") and s is not flat:
+            print(f"\n{s.name.split(' (')[0]}: top-{k} overlap with dense flat (ANN recall) {overlap(s.ids, flat.ids):.4f}",
+                  end="")
+    if flat:
+        print()
     bm = next((s for s in systems if s.name == "bm25 (treegym)"), None)
     if ref and bm:
         print(f"\nembedded bm25 (1 thread, Hits with text) vs pyserini batch_search(threads={args.threads}): "

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from treegym.train.bench import ABLATION_ARMS, FULL_ARMS, QUICK_ARMS, write_results
+from treegym.train.bench import ABLATION_ARMS, FULL_ARMS, QUICK_ARMS, select_arms, write_results
 
 
 def test_arm_budgets_follow_the_paper_formula():
@@ -68,6 +68,24 @@ def test_bench_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         cli_main(["--env", "TreeChess-v0"])
     assert "--env" in capsys.readouterr().err
+
+
+def test_select_arms_by_config_method_or_both(capsys):
+    arms = list(FULL_ARMS) + list(ABLATION_ARMS)
+    picked = select_arms(arms, "tree_grpo:M2N2L1, tree_grpo_token,G16")
+    assert [(a.method, a.config) for a in picked] == [("chain", "G16"), ("tree_grpo", "M2N2L1"),
+                                                      ("tree_grpo_token", "M2N2L1-token")]
+    # a bare config picks every arm with it: the tree and its two advantage ablations
+    assert {a.method for a in select_arms(arms, "M2N2L1")} == {"tree_grpo", "tree_grpo_inter", "tree_grpo_intra"}
+    with pytest.raises(SystemExit, match="no arm named G99.*chain:G2"):
+        select_arms(arms, "G4,G99")
+    with pytest.raises(SystemExit, match="no arm named"):
+        select_arms(arms, " , ")
+    from treegym.train.bench import cli_main
+
+    # the ablation names exist only with --ablations
+    with pytest.raises(SystemExit, match="tree_grpo_token"):
+        cli_main(["--arms", "tree_grpo_token", "--out", "/nonexistent/never-created"])
 
 
 def test_from_scratch_builds_the_qa_then_the_web_warm_start(tmp_path, one_torch_thread):

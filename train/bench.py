@@ -74,6 +74,22 @@ ABLATION_ARMS = (tree_arm(2, method="tree_grpo_token", granularity="token"),
                  tree_arm(2, method="tree_grpo_intra", advantage="tree_grpo_intra"))
 
 
+def select_arms(arms: Sequence[Arm], spec: str, *, check: bool = True) -> list[Arm]:
+    """The arms named in `spec` (comma list of config, method or method:config), in `arms` order;
+    with `check`, a name that matches no arm is an error listing the names there are."""
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+
+    def matches(arm: Arm, name: str) -> bool:
+        return name in (arm.config, arm.method, f"{arm.method}:{arm.config}")
+
+    unknown = [n for n in names if not any(matches(arm, n) for arm in arms)]
+    if check and (unknown or not names):
+        known = ", ".join(f"{arm.method}:{arm.config}" for arm in arms)
+        raise SystemExit(f"treegym bench: --arms {spec!r}: no arm named {', '.join(unknown) or '(empty)'}; "
+                         f"the arms of this study are {known} (--ablations adds the ablation arms)")
+    return [arm for arm in arms if any(matches(arm, n) for n in names)]
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
@@ -280,6 +296,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="treegym bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, chain G4/G16 vs tree M2N2L1 (~20 min on 2 cores)")
     p.add_argument("--ablations", action="store_true", help="add token-level nodes and inter/intra-only advantages")
+    p.add_argument("--arms", default=None,
+                   help="run only these arms: comma list of configs (G16, M2N2L1), methods (chain, "
+                        "tree_grpo_token) or method:config (tree_grpo:M2N2L1); e.g. the full-scale "
+                        "ablations alone: --ablations --arms tree_grpo:M2N2L1,tree_grpo_token,tree_grpo_inter,"
+                        "tree_grpo_intra")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--from-scratch", action="store_true", help="rebuild the SFT warm start instead of using the committed one")
     p.add_argument("--warmstart", type=Path, default=None, help="start from this model dir instead of the committed warm start")
@@ -319,6 +340,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     extra = list(ABLATION_ARMS) if a.ablations else []
     arms = {QA_ENV: list(QUICK_ARMS if a.quick else FULL_ARMS) + extra,
             WEB_ENV: list(WEB_QUICK_ARMS if a.quick else FULL_ARMS) + extra}
+    if a.arms:
+        select_arms([arm for env_id in envs for arm in arms[env_id]], a.arms)  # every name must match somewhere
+        arms = {env_id: select_arms(env_arms, a.arms, check=False) for env_id, env_arms in arms.items()}
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -376,4 +400,4 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["Arm", "QUICK_ARMS", "WEB_QUICK_ARMS", "WARMSTART_WEB_DIR", "warm_start", "test_metrics", "FULL_ARMS", "ABLATION_ARMS", "run_arm", "write_results", "cli_main"]
+__all__ = ["Arm", "QUICK_ARMS", "WEB_QUICK_ARMS", "WARMSTART_WEB_DIR", "warm_start", "test_metrics", "FULL_ARMS", "ABLATION_ARMS", "select_arms", "run_arm", "write_results", "cli_main"]

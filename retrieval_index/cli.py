@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--kind", default="bm25", choices=["bm25", "lucene", "dense", "hybrid"])
     b.add_argument("--out", required=True, type=Path, help="index directory to write")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _threads_flag(b)
     d = b.add_argument_group("dense / hybrid options")
     d.add_argument("--faiss", choices=["flat", "hnsw", "ivfpq"], default=None, help="FAISS index type (default flat)")
     d.add_argument("--model", default=None, help="local HF encoder directory (default: packaged all-MiniLM-L6-v2)")
@@ -74,7 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the dense encoder and FAISS (default: torch's; use 1 on cores shared with "
+                        "another job)")
+
+
 def _load_flags(p: argparse.ArgumentParser) -> None:
+    _threads_flag(p)
     p.add_argument("--backend", default=None, help="dense backend: faiss, faiss-gpu or torch")
     p.add_argument("--nprobe", type=int, default=None, help="dense ivfpq: lists to search")
     p.add_argument("--rerank", type=int, default=None,
@@ -184,6 +192,9 @@ def _eval(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        if args.threads is not None:
+            from treegym.retrieval_index.encoder import set_cpu_threads
+            set_cpu_threads(args.threads)
         return {"build": _build, "search": _search, "eval": _eval}[args.cmd](args)
     except (OSError, ValueError, ImportError, TypeError) as exc:
         # Bad paths, corrupt or mismatched indexes, malformed corpora: one clear line, exit 2.

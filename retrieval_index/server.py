@@ -352,14 +352,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (dense ivfpq indexes)")
     p.add_argument("--rerank", type=int, default=None, help="dense hnsw/ivfpq: exact re-scoring of RERANK*k candidates")
     p.add_argument("--cache", type=int, default=0, help="LRU query-cache entries (0 = off)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the dense encoder and FAISS (default: torch's; use 1 on cores shared with "
+                        "a trainer)")
     p.add_argument("--log-level", default="info")
     return p
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    for name in ("max_queries", "max_query_chars", "max_topk", "topk"):
-        if getattr(args, name) < 1:
+    for name in ("max_queries", "max_query_chars", "max_topk", "topk", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"serve-retriever: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     if args.topk > args.max_topk:
@@ -369,6 +372,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
 
     from treegym.retrieval_index import load_index
 
+    if args.threads is not None:
+        from treegym.retrieval_index.encoder import set_cpu_threads
+        set_cpu_threads(args.threads)
     opts: dict[str, Any] = {}
     if args.backend:
         opts["backend"] = args.backend

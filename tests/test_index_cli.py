@@ -46,7 +46,14 @@ def test_build_dense_ivfpq(world_dir, tmp_path, capsys):
     assert manifest["kind"] == "dense" and manifest["params"]["faiss"] == "ivfpq"
     assert manifest["params"]["nprobe"] == 2
     capsys.readouterr()
-    assert treegym(["index", "search", str(idx), "born in", "-k", "3", "--nprobe", "4"]) == 0
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert treegym(["index", "search", str(idx), "born in", "-k", "3", "--nprobe", "4", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     assert "  3. [" in capsys.readouterr().out
 
 
@@ -63,6 +70,8 @@ def test_bad_input_is_one_line_and_exit_2(world_dir, tmp_path, capsys):
     assert treegym(["index", "build", "--corpus", str(tmp_path / "missing.jsonl"), "--kind", "bm25",
                     "--out", str(tmp_path / "k")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert treegym(["index", "search", str(tmp_path), "q", "--threads", "0"]) == 2
+    assert "threads must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         treegym(["index", "build", "--corpus", "x", "--kind", "nope", "--out", "y"])
 

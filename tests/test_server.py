@@ -287,7 +287,7 @@ def test_serve_retriever_command(index, known):
     sock.close()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "treegym.cli", "serve-retriever", "--index", str(index),
-                             "--port", str(port), "--log-level", "warning"],
+                             "--port", str(port), "--log-level", "warning", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -313,6 +313,7 @@ def test_serve_retriever_rejects_bad_flags(index, tmp_path, capsys):
     from treegym.retrieval_index.server import cli_main
 
     assert cli_main(["--index", str(index), "--max-topk", "0"]) == 2
+    assert cli_main(["--index", str(index), "--threads", "0"]) == 2
     assert cli_main(["--index", str(tmp_path)]) == 2
     assert "manifest" in capsys.readouterr().err
 

@@ -351,6 +351,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None, help="start from this model dir (default: build a tiny one)")
     p.add_argument("--lm-steps", type=int, default=2000)
     p.add_argument("--act-steps", type=int, default=500)
+    p.add_argument("--lm-stop", type=int, default=None,
+                   help="end the LM phase at this step, keeping --lm-steps' learning-rate schedule (how a "
+                        "committed warm start cut by a time limit is repeated exactly)")
+    p.add_argument("--act-stop", type=int, default=None, help="the same for the action-only phase")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--act-lr", type=float, default=None)
@@ -382,7 +386,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                    batch=a.batch, lr=a.lr, act_lr=a.act_lr, passages_frac=a.passages_frac,
                    max_tool_calls=a.max_tool_calls, eval_every=a.eval_every, eval_n=a.eval_n,
                    seed=a.seed, max_minutes=a.max_minutes, n_layer=a.n_layer, d_model=a.d_model,
-                   n_head=a.n_head, command=command, env_id=a.env)
+                   n_head=a.n_head, command=command, env_id=a.env, lm_stop=a.lm_stop, act_stop=a.act_stop)
     print(f"wrote {a.out}: dev EM {meta['dev_em']:.3f} after {meta['wall_s']:.0f}s "
           f"({meta.get('lm_steps', 0)} LM + {meta.get('act_steps', 0)} action steps)")
     return 0

@@ -368,6 +368,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                      "rollout_s": 0.0, "update_s": 0.0, "wall_s": time.perf_counter() - t0})
         log(f"SFT start ({env_id}): test EM {m['greedy/em']:.3f}, F1 {m['greedy/f1']:.3f} "
             f"on {int(m['greedy/episodes'])} tasks")
+    # which weights every row started from (results of different warm starts must not be mixed)
+    start_sha = {k: hashlib.sha256((Path(v) / "model.safetensors").read_bytes()).hexdigest() for k, v in starts.items()}
     for seed in range(seeds):
         for env_id in envs:
             for arm in arms[env_id]:
@@ -385,6 +387,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                         "prompts": prompts, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts,
                         "test_n": test_n, "seeds": seeds, "envs": envs, "rl_split": a.rl_split,
                         "warmstarts": {k: str(v) for k, v in starts.items()},
+                        "warmstart_sha256": start_sha,
                         "wall_s": time.perf_counter() - t_start}
                 md, js, png = write_results(out, rows, meta)  # after every run: partial results survive
     if not a.no_repo_json and REPO_RESULTS.parent.is_dir():
@@ -393,7 +396,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         keep = ("env", "method", "config", "budget", "seed", "test_em", "test_f1", "tokens_per_prompt",
                 "tool_calls_per_prompt", "wall_s", "rollout_s", "update_s")
         (REPO_RESULTS / name).write_text(json.dumps(
-            {"commit": meta["commit"], "machine": meta["machine"], "steps": steps, "prompts": prompts,
+            {"commit": meta["commit"], "machine": meta["machine"], "warmstart_sha256": start_sha, "steps": steps, "prompts": prompts,
              "lr": a.lr, "test_n": test_n, "rows": [{k: r.get(k) for k in keep} for r in rows]}, indent=1))
     print(md.read_text())
     print(f"plot: {png.resolve()}\nresults: {js.resolve()}")

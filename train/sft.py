@@ -317,9 +317,8 @@ def install_warmstart(src: str | Path, dst: str | Path = WARMSTART_DIR, commit: 
               "`treegym sft --env TreeWebAgent-v0` added the web tool tags to its tokenizer and raised "
               "its context to 2,048 positions (`agents.tiny.add_tags`) before training on oracle browsing "
               "transcripts" if web else
-              "the model dir given by `--model` was the output of `build_tiny_model(corpus, out, "
-              "entity_names=corpus_titles(corpus), prompts=<train prompts>, max_position_embeddings=1024)`, "
-              "i.e. what `treegym sft` builds when `--model` is omitted")
+              "without `--model`, `treegym sft` builds the tiny model first: `build_tiny_model(corpus, out, "
+              "entity_names=corpus_titles(corpus), prompts=<train prompts>, max_position_embeddings=1024)`")
     title = "web-agent (TreeWebAgent-v0)" if web else "tiny model"
     rebuild = ("`treegym bench --from-scratch` rebuilds it (after rebuilding the QA warm start it grows from)"
                if web else "`treegym bench --from-scratch` rebuilds it with the same plan instead of loading it")
@@ -330,7 +329,7 @@ Used by `treegym bench` (and `make run`) as the RL starting point; {rebuild}.
 - model.safetensors sha256: `{digest}`
 - parameters: {meta['params']:,}
 - built by: `{meta['command']}` ({origin})
-- from commit: `{commit or 'see git log'}` plus the working tree of that day
+- from commit: {commit or 'see git log'}
 - steps done: {meta.get('lm_steps', 0)} LM (all tokens after the prompt) + {meta.get('act_steps', 0)}
   action-only, batch {meta['batch']}, lr {meta['lr']}, {meta['wall_s']:.0f} s wall on a shared 2-core
   CPU ({meta.get('torch_threads')} torch threads), {meta.get('tokens_seen', 0):,} tokens seen

@@ -265,3 +265,37 @@ def test_rl_prompts_come_from_the_configured_split(sft_model, small_world, tmp_p
     assert tr.dev_env().unwrapped.split == "test"
     with pytest.raises(ValueError, match="holdout"):
         Trainer(_cfg(sft_model, tmp_path / "x", split="holdout"), dataset=small_world)
+
+
+def test_rollouts_on_an_sglang_server_synced_every_step_match_local_rollouts(sft_model, small_world, tmp_path,
+                                                                            one_torch_thread):
+    """`TrainConfig.rollout_server`: the rollouts come from an SGLang server (the protocol
+    stand-in, over real HTTP) that gets the trainer's weights before every step. The stand-in
+    samples exactly like the local backend, so the run must equal a local-rollout run; a server
+    left on the start weights would sample other tokens from step 2 on."""
+    from safetensors.torch import load_file
+    from sglang_standin import StandinServer
+
+    from treegym.agents.hf import HFPolicy
+    from treegym.train.trainer import Trainer
+
+    local = Trainer(_cfg(sft_model, tmp_path / "local", algo="grpo", steps=3, tensorboard=False),
+                    dataset=small_world, log=lambda *_: None)
+    local_records = local.train()
+    with StandinServer(HFPolicy(sft_model)) as srv:
+        remote = Trainer(_cfg(sft_model, tmp_path / "remote", algo="grpo", steps=3, tensorboard=False,
+                              rollout_server=srv.url), dataset=small_world, log=lambda *_: None)
+        assert remote.rollout_policy is not remote.policy
+        remote_records = remote.train()
+        served = {k: v.clone() for k, v in srv.app.state.policy.model.state_dict().items()}
+    assert [r["reward"] for r in remote_records] == [r["reward"] for r in local_records]
+    assert [r["tokens_per_prompt"] for r in remote_records] == [r["tokens_per_prompt"] for r in local_records]
+    for name, value in local.model.state_dict().items():
+        torch.testing.assert_close(remote.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    # the server holds what the trainer wrote before the last step's rollout (after step 2)
+    pushed = load_file(str(tmp_path / "remote" / "rollout_weights" / "model.safetensors"))
+    start = load_file(str(sft_model / "model.safetensors"))
+    changed = [k for k in pushed if k in served and not torch.equal(pushed[k], start[k])]
+    assert changed, "the pushed weights are still the start weights"
+    for k in changed:
+        assert torch.equal(served[k], pushed[k])

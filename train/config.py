@@ -96,6 +96,10 @@ class TrainConfig:
     micro_batch_rows: int | None = None   # under torchrun: rows per forward/backward (memory only; same step)
     progress: bool = True
     tensorboard: bool = True
+    # URL of an SGLang server (`python -m sglang.launch_server`) that generates the rollouts instead
+    # of the trainer's own model; before each step's rollout it gets the trainer's current weights
+    # through /update_weights_from_disk (written to OUT/rollout_weights). "" = generate locally.
+    rollout_server: str = ""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

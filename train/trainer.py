@@ -149,6 +149,13 @@ class Trainer:
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
         self._rollout_stale = False
+        # who generates: the trainer's own weights, or an SGLang server synced to them every step
+        self.rollout_policy: Any = self.policy
+        self._server_step: int | None = None  # the step whose weights the server holds
+        if self.cfg.rollout_server:
+            from treegym.agents.sglang import SGLangPolicy
+
+            self.rollout_policy = SGLangPolicy(self.cfg.rollout_server, tokenizer=self.policy.tokenizer)
         if self.dist.distributed:
             self._shard()
         data = dataset if dataset is not None else self.cfg.data
@@ -212,6 +219,25 @@ class Trainer:
 
             D.copy_full_weights(self.model, self.policy.model)
         self._rollout_stale = False
+
+    def _sync_server_weights(self) -> None:
+        """Give the rollout server this step's weights, once per step (also after `--resume`,
+        when the server still holds whatever it was started with). Under torchrun every rank
+        takes part in the gather; rank 0 writes and tells the server; all wait for it."""
+        if not self.cfg.rollout_server or self._server_step == self.step:
+            return
+        from treegym.train import distributed as D
+
+        where = self.out / "rollout_weights"
+        if self.dist.distributed:
+            D.save_pretrained_rank0(self.model, where)
+        else:
+            self.model.save_pretrained(where, safe_serialization=True)
+        if self.is_main:
+            self.rollout_policy.update_weights_from_disk(str(where.resolve()))
+        if self.dist.distributed:
+            D.barrier()
+        self._server_step = self.step
 
     def close(self) -> None:
         """Leave the process group (ranks meet at a barrier first, so none tears gloo down while
@@ -290,15 +316,19 @@ class Trainer:
         if prompt_index is not None:
             gen["prompt_index"] = list(prompt_index)
         seed = _derive(self.cfg.seed, "rollout", self.step)
-        self._sync_rollout_weights()
+        if self.cfg.rollout_server:
+            self._sync_server_weights()
+        else:
+            self._sync_rollout_weights()
         self.model.eval()
+        policy = self.rollout_policy
         with torch.no_grad():
             if self.cfg.algo in ("grpo", "gigpo"):
-                return R.chain(self.policy, self.env, tasks, G=r.G, seed=seed, **gen)
+                return R.chain(policy, self.env, tasks, G=r.G, seed=seed, **gen)
             if self.cfg.algo == "treerl":  # TreeRL's EPTree: fork at the most uncertain tokens
-                return R.entropy(self.policy, self.env, tasks, M=r.M, N=r.N, L=r.L, T=r.T, K=r.K,
+                return R.entropy(policy, self.env, tasks, M=r.M, N=r.N, L=r.L, T=r.T, K=r.K,
                                  seed=seed, granularity="token", **gen)
-            return R.tree_grpo(self.policy, self.env, tasks, M=r.M, N=r.N, L=r.L, K=r.K, seed=seed,
+            return R.tree_grpo(policy, self.env, tasks, M=r.M, N=r.N, L=r.L, K=r.K, seed=seed,
                                granularity=r.granularity, **gen)
 
     def advantages(self, forests: list) -> dict:

@@ -14,8 +14,10 @@ token is appended, so ids always decode to exactly the action text).
 
 from __future__ import annotations
 
+import numbers
 import random
 import re
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -88,20 +90,50 @@ def read_titles(corpus_path: str | Path) -> dict[str, str]:
     return {doc_id: title for doc_id, title, _ in iter_corpus(corpus_path)}
 
 
+def _source_titles(source: Any) -> dict[str, str] | None:
+    """doc id -> title of the documents behind `source` (its world's docs, else its corpus), or
+    None when it has neither (a plain list of tasks)."""
+    world = getattr(source, "world", None) or (source if hasattr(source, "docs") else None)
+    if world is not None:
+        return {d.doc_id: d.title for d in world.docs}
+    corpus = getattr(source, "corpus_path", None)
+    return read_titles(corpus) if corpus is not None else None
+
+
+def _searches_spent(after_question: str) -> int:
+    """Searches already made in an episode: one `<information>` block each."""
+    return after_question.count("<information>")
+
+
+def _think(text: str, on: bool) -> str:
+    return f"<think> {text} </think>\n" if on else ""
+
+
+# Both scripted policies take the same arguments in the same order: the tasks first, then
+# keyword-only `tokenizer`, `max_searches`, `think`, then their own options.
+
+
 class OraclePolicy(_ScriptedBase):
     """Follows the gold path: searches the title of each supporting doc in hop order, then answers.
 
-    ``source``: tasks, a `Dataset` or a `World`. The hop titles come from ``task.meta["hops"]``
-    (the synthetic world stores them), else from ``titles`` (doc id -> title), else from the
-    dataset's world or corpus. The oracle recognises the question in the decoded prompt and counts
-    its own searches in the transcript, so it is stateless and works on any fork of an episode.
-    ``max_searches`` caps the searches (pass the env's ``max_tool_calls``); an answer-now notice
-    from the env also makes it answer. This is the ceiling of the env and the SFT data source.
+    Args:
+        source: tasks, a `Dataset` or a `World`. The hop titles come from
+            ``task.meta["hops"]`` (the synthetic world stores them), else from ``titles``,
+            else from the dataset's world or corpus.
+        tokenizer: whose ids to return (default `ByteTokenizer`; pass a model's for SFT data).
+        max_searches: cap on searches (pass the env's ``max_tool_calls``); an answer-now notice
+            from the env also makes it answer.
+        think: write a short ``<think>`` before each action.
+        titles: doc id -> title, when the source has no world or corpus.
+
+    The oracle recognises the question in the decoded prompt and counts its own searches in the
+    transcript, so it is stateless and works on any fork of an episode. This is the ceiling of
+    the env and the SFT data source.
     """
 
-    def __init__(self, source: Any, *, titles: Mapping[str, str] | None = None,
-                 tokenizer: TextTokenizer | None = None, think: bool = False,
-                 max_searches: int | None = None):
+    def __init__(self, source: Any, *, tokenizer: TextTokenizer | None = None,
+                 max_searches: int | None = None, think: bool = False,
+                 titles: Mapping[str, str] | None = None):
         super().__init__(tokenizer)
         tasks = _collect_tasks(source)
         self.by_question: dict[str, Any] = {}
@@ -114,14 +146,8 @@ class OraclePolicy(_ScriptedBase):
 
     def _title_map(self) -> dict[str, str]:
         if self._titles is None:
-            world = getattr(self._source, "world", None) or (
-                self._source if hasattr(self._source, "docs") else None)
-            corpus = getattr(self._source, "corpus_path", None)
-            if world is not None:
-                self._titles = {d.doc_id: d.title for d in world.docs}
-            elif corpus is not None:
-                self._titles = read_titles(corpus)
-            else:
+            self._titles = _source_titles(self._source)
+            if self._titles is None:
                 raise ValueError("OraclePolicy: tasks carry no meta['hops'] and no titles were "
                                  "given; pass titles={doc_id: title} or a Dataset with a corpus")
         return self._titles
@@ -156,31 +182,50 @@ class OraclePolicy(_ScriptedBase):
         # Which hops were already searched (by anyone: the oracle may continue a fork of another
         # policy's episode), and how many searches were spent (one <information> block each).
         searched = {q.strip() for q in _SEARCH_RE.findall(after)}
-        spent = after.count("<information>")
         todo = [h for h in self.hops(task) if h.strip() not in searched]
-        budget_left = self.max_searches is None or spent < self.max_searches
+        budget_left = self.max_searches is None or _searches_spent(after) < self.max_searches
         if todo and budget_left and _ANSWER_NOW_HINT not in after:
             hop = todo[0]
-            think = f"<think> I need to find {hop}. </think>\n" if self.think else ""
-            return f"{think}<search> {hop} </search>"
-        think = "<think> I have the answer. </think>\n" if self.think else ""
-        return f"{think}<answer> {task.answers[0]} </answer>"
+            return f"{_think(f'I need to find {hop}.', self.think)}<search> {hop} </search>"
+        return f"{_think('I have the answer.', self.think)}<answer> {task.answers[0]} </answer>"
 
 
 class RandomPolicy(_ScriptedBase):
     """Random but well-formed actions: a search for 1-3 words or an answer of 1-2 words.
 
-    Words come from the question in the prompt (plus ``vocabulary``). Deterministic given the
-    policy seed, the request seed and the prompt, so forks and replays reproduce.
+    Args (the oracle's, in the same order, then its own):
+        source: optional tasks, `Dataset` or `World`; the titles of all its documents (world
+            or corpus, the same for every task: no gold path leaks) join the words a search or
+            answer draws from, so a random search can hit a real page. Without it, words come
+            from the question in the prompt only.
+        tokenizer: whose ids to return (default `ByteTokenizer`).
+        max_searches: answer once this many searches were made (None: no cap).
+        think: write a short ``<think>`` before each action.
+        seed: the policy seed. An int as the first positional argument is still read as the
+            seed (the old signature), with a DeprecationWarning.
+        answer_prob: chance of answering instead of searching.
+        vocabulary: extra words to draw from.
+
+    Deterministic given the policy seed, the request seed and the prompt, so forks and replays
+    reproduce.
     """
 
-    def __init__(self, seed: int = 0, *, tokenizer: TextTokenizer | None = None,
-                 vocabulary: Iterable[str] = (), answer_prob: float = 0.3):
+    def __init__(self, source: Any = None, *, tokenizer: TextTokenizer | None = None,
+                 max_searches: int | None = None, think: bool = False, seed: int = 0,
+                 answer_prob: float = 0.3, vocabulary: Iterable[str] = ()):
+        if isinstance(source, numbers.Integral) and not isinstance(source, bool):
+            warnings.warn("RandomPolicy(seed) is deprecated: the first argument is `source`, as "
+                          "for OraclePolicy; pass RandomPolicy(seed=...)", DeprecationWarning,
+                          stacklevel=2)
+            source, seed = None, int(source)
         super().__init__(tokenizer)
         if not 0 <= answer_prob <= 1:
             raise ValueError(f"answer_prob must be in [0, 1], got {answer_prob}")
         self.seed = int(seed)
-        self.vocabulary = [w for w in vocabulary if w]
+        self.max_searches = max_searches
+        self.think = think
+        titles = _source_titles(source) if source is not None else None
+        self.vocabulary = [w for w in vocabulary if w] + sorted(set((titles or {}).values()))
         self.answer_prob = answer_prob
 
     def _action(self, req: GenRequest, context: str) -> str:
@@ -189,9 +234,13 @@ class RandomPolicy(_ScriptedBase):
         m = list(_QUESTION_RE.finditer(context))
         question = m[-1].group(1) if m else context[-200:]
         words = re.findall(r"[A-Za-z0-9]+", question) + self.vocabulary or ["nothing"]
-        if rng.random() < self.answer_prob:
-            return f"<answer> {' '.join(rng.choice(words) for _ in range(rng.randint(1, 2)))} </answer>"
-        return f"<search> {' '.join(rng.choice(words) for _ in range(rng.randint(1, 3)))} </search>"
+        spent = _searches_spent(context[m[-1].end():] if m else context)
+        if rng.random() < self.answer_prob or (self.max_searches is not None
+                                               and spent >= self.max_searches):
+            answer = " ".join(rng.choice(words) for _ in range(rng.randint(1, 2)))
+            return f"{_think('I guess.', self.think)}<answer> {answer} </answer>"
+        query = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+        return f"{_think('I try a search.', self.think)}<search> {query} </search>"
 
 
 class ReplayPolicy(_ScriptedBase):

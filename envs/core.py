@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.error import ClosedEnvironmentError
 from gymnasium.vector.utils import shared_memory as _shm
 
 from treegym.envs.data.task import Task
@@ -158,6 +159,10 @@ class EnvState:
     truncated: bool = False
     reward: float = 0.0
     episode_seed: int | None = None
+    # Which env made this state (env class, dataset and, for the web env, site, each with a
+    # content hash): `restore` refuses a state from elsewhere by comparing this one string, so the
+    # check is O(1) and survives pickling into another process. None: made outside an env.
+    origin: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
@@ -178,32 +183,86 @@ class EnvState:
         return replace(self, last=step, **changes)
 
 
+class SnapshotMismatchError(ValueError):
+    """`restore` was given a state made by a different env (another env class, dataset or site).
+
+    Restoring it would pair a task, history and browsing state with resources they were never
+    made for (a question answered from another corpus, a URL of another site); that fails much
+    later and much less clearly, so it is refused here, naming both origins.
+    """
+
+
 class ForkableEnv(gym.Env[str, str]):
     """Base class of treegym's envs: all episode state lives in `self.state` (an `EnvState`).
 
     Subclasses implement `reset`/`step` by building new states with `dataclasses.replace`; they
     must never mutate a state in place, or snapshots would change under their holders' feet.
+    They set `_origin` (a short string naming the env and its data) and stamp it on every state
+    they make, so `restore` can tell a foreign state in O(1).
+
+    Lifecycle: `close()` drops the env's references to its state and resources (see
+    `_release`); afterwards `reset`, `step`, `snapshot`, `restore` and `fork` raise
+    `gymnasium.error.ClosedEnvironmentError`. Forks made before the close are separate envs and
+    keep working.
     """
 
     metadata = {"render_modes": ["ansi"]}
     state: EnvState
+    _origin: str | None = None
+    _closed: bool = False
+
+    def _check_open(self, method: str) -> None:
+        if self._closed:
+            raise ClosedEnvironmentError(
+                f"{method}() on a closed {type(self).__name__}: close() released its data and "
+                "retriever; make a new env (forks made before close() still work)")
 
     def snapshot(self) -> EnvState:
         """The current state. O(1): states are immutable, so the reference *is* a snapshot."""
+        self._check_open("snapshot")
         return self.state
 
     def restore(self, state: EnvState) -> None:
+        """Make `state` (from `snapshot()` of this env, a fork of it, or an unpickled copy) the
+        current state. O(1): one type check and one comparison of the states' origin strings."""
+        self._check_restorable(state)
+        self.state = state
+
+    def _check_restorable(self, state: Any) -> None:
+        self._check_open("restore")
         if not isinstance(state, EnvState):
             raise TypeError(f"restore() takes an EnvState from snapshot(), got {type(state).__name__}")
-        self.state = state
+        if state.origin != self._origin or not isinstance(state, type(self.state)):
+            raise SnapshotMismatchError(
+                f"cannot restore a {type(state).__name__} taken on {state.origin or 'no env'} "
+                f"into {self._origin or type(self).__name__}: a snapshot only restores into the "
+                "env it was taken on (or a fork, or an env made the same way in another process)")
 
     def fork(self) -> ForkableEnv:
         """A new env with the same state that shares every read-only resource with this one."""
+        self._check_open("fork")
         new = copy.copy(self)  # shallow: corpus, retriever, caches, tokenizers are shared
         if getattr(self, "_np_random", None) is not None:
             new._np_random = _copy_rng(self._np_random)  # the only mutable piece
         new.state = self.state
         return new
+
+    def close(self) -> None:
+        """Release the episode state and this env's references to shared resources. Idempotent.
+
+        The resources themselves (dataset, index, query cache) are shared with forks and other
+        envs of the process (`envs.resources`), so they are dropped here, not shut down: they are
+        freed once no env holds them.
+        """
+        if not self._closed:
+            self._closed = True
+            self.state = type(self.state)() if isinstance(getattr(self, "state", None),
+                                                          EnvState) else EnvState()
+            self._release()
+        super().close()
+
+    def _release(self) -> None:
+        """Drop the env's own references to its resources (subclasses: datasets, retrievers)."""
 
     def render(self) -> str:
         return self.state.transcript
@@ -269,6 +328,7 @@ def restore(env: gym.Env, snap: Snapshot | EnvState) -> None:
         return
     if not isinstance(snap, Snapshot):
         raise TypeError(f"restore() takes a Snapshot from treegym.snapshot(), got {type(snap).__name__}")
+    core._check_restorable(snap.state)  # a foreign state is named before any wrapper mismatch
     if len(snap.wrappers) != len(wrappers):
         raise ValueError(f"snapshot was taken through {len(snap.wrappers)} wrappers, this env has "
                          f"{len(wrappers)}")
@@ -296,5 +356,5 @@ def unwrapped_forkable(env: gym.Env) -> ForkableEnv:
     return _stack(env)[1]
 
 
-__all__: Sequence[str] = ("FreeText", "Step", "EnvState", "ForkableEnv", "Snapshot", "snapshot",
-                          "restore", "fork")
+__all__: Sequence[str] = ("FreeText", "Step", "EnvState", "ForkableEnv", "Snapshot",
+                          "SnapshotMismatchError", "snapshot", "restore", "fork")

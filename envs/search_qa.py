@@ -28,20 +28,67 @@ DEFAULT_MAX_OBS_CHARS = 4096  # ~ Search-R1's 500-token observation cut; 3 wiki-
 
 
 class TreeSearchQAEnv(ToolEnv):
-    """Search-augmented QA (Search-R1 / Tree-GRPO protocol). See the module docstring.
+    """Search-augmented QA with Search-R1's protocol, forkable at every step.
 
-    Args:
-        data: "synthetic" (default), "synthetic:multihop", "synthetic:singlehop" (optionally
-            "?seed=N"), a Search-R1 parquet file, a FlashRAG jsonl file, a `treegym world`
-            directory, or a `Dataset`.
-        split: which split's tasks `reset` draws from.
-        retriever: "bm25" (index built over the dataset's corpus), "lucene"/"dense"/"hybrid",
-            an index directory, an `http://host:port/retrieve` URL, or any `Retriever`.
-        topk: passages per search (Search-R1: 3).
-        max_tool_calls: turns that may search before the answer is forced (Search-R1 max_turns).
-        reward: "em" (SQuAD exact match, any gold), "f1" (token F1) or "format_em" (Search-R1's
-            format-shaped EM, see `rewards.format_em`).
-        max_obs_chars: bound on the passages' text in one observation (cut inside the tags).
+    ## Description
+    The agent answers a question by thinking, searching a local index (`<search> q </search>`)
+    and answering (`<answer> a </answer>`), with Search-R1's prompt, parsing, result format and
+    invalid-action feedback (Tree-GRPO reuses them unchanged), so a Search-R1 checkpoint and its
+    data work as they are. Default data: a seeded synthetic world of 1-3-hop questions with an
+    embedded BM25 index, generated on first use under `$TREEGYM_HOME`.
+
+    ## Action Space
+    `FreeText(65536)`: any `str`, one generation of the policy. The first `<search>q</search>` or
+    `<answer>a</answer>` is executed; text after its closing tag is ignored. Control and
+    invisible characters in the argument are removed and whitespace collapsed (the action stays
+    valid). No complete tag pair, an argument that is empty after cleaning, a nested tag or an
+    action over 65,536 characters gets Search-R1's invalid-action feedback and costs a turn.
+    A non-`str` action raises `TypeError` (the state is unchanged).
+
+    ## Observation Space
+    `FreeText(max_observation_chars)`: `reset` returns the full prompt (instruction +
+    `Question: ...`); `step` returns only the new text, for a search
+    `\n\n<information>Doc 1(Title: T) text\nDoc 2(...)...</information>\n\n` (the docs cut to
+    `max_obs_chars`), for an invalid action the feedback, for the answer `""`. Gold answers are
+    never in an observation (they are in `env.unwrapped.task`). Wrap with
+    `TranscriptObservation` for the whole transcript.
+
+    ## Rewards
+    On the terminating `<answer>` step only: SQuAD-normalised exact match against any gold
+    answer (`"em"`, default), token F1 (`"f1"`) or Search-R1's format-shaped EM
+    (`"format_em"`, `rewards.format_em`). Every other step: 0.
+
+    ## Starting State
+    `reset(seed=s)` draws a task of `split` from the seeded RNG (the same `s`, the same task);
+    `options={"task_id": id}` picks one.
+
+    ## Episode End
+    Terminated by an `<answer>`. Turns 1..`max_tool_calls` may search; every turn, valid or not,
+    counts; the observation of turn `max_tool_calls` ends with a notice that the next action must
+    be an answer, and anything else then truncates the episode with reward 0 (Search-R1's
+    rollout loop). Stepping a finished episode raises `ResetNeeded`. `info` always has `turn`,
+    `tool_calls`, `valid_action`, `task_id`, `remaining_tool_calls`, `tool`.
+
+    ## Arguments
+    - `data`: `"synthetic"` (default), `"synthetic:multihop"`, `"synthetic:singlehop"`,
+      `"synthetic:<kind>,..."` (optionally `"?seed=N"`), a Search-R1 `.parquet` file, a
+      FlashRAG `.jsonl` file, a `treegym world` directory, or a `Dataset`.
+    - `split`: the split `reset` draws from (`"train"`; ignored for a one-file dataset, which
+      has one split).
+    - `retriever`: `"bm25"` (index built over the dataset's corpus), `"lucene"`/`"dense"`/
+      `"hybrid"`, an index directory, an `http://host:port/retrieve` URL, or any `Retriever`.
+    - `topk`: passages per search (3, Search-R1's). `max_tool_calls`: turns that may search
+      before the answer is forced (3, Search-R1's `max_turns`). `reward`: `"em"`, `"f1"` or
+      `"format_em"`. `max_obs_chars`: bound on one observation's docs (4096).
+
+    Forking: all episode state is one immutable `EnvState`, so `treegym.fork/snapshot/restore`
+    are O(1); `restore` refuses a snapshot of another env or dataset (`SnapshotMismatchError`);
+    after `close()` the env refuses `reset/step/snapshot/restore/fork`
+    (`ClosedEnvironmentError`).
+
+    ## Version History
+    - v0: initial version. Later additions that leave v0 episodes unchanged: `close()` and the
+      restore check.
     """
 
     STOP_STRINGS = STOP_STRINGS

@@ -61,15 +61,31 @@ class ToolEnv(ForkableEnv):
         # With no tool budget at all, the very first turn must answer: say so in the prompt.
         self._prompt_suffix = self.ANSWER_NOW_NOTICE if self.max_tool_calls == 0 else ""
 
-    def _init_spaces(self, longest_question: int) -> None:
-        """Free-text spaces bounded by the longest prompt and the longest observation delta."""
+    def _init_origin(self, extra: str = "") -> None:
+        """Stamp for this env's states (`EnvState.origin`): the env class and the dataset's name
+        and content hash (plus `extra`, e.g. the web env's site), so `restore` refuses a
+        snapshot from another env or dataset with one string comparison."""
+        name = getattr(self.dataset, "name", type(self.dataset).__name__)
+        fingerprint = getattr(self.dataset, "fingerprint", None)
+        digest = f" sha256:{fingerprint()[:12]}" if callable(fingerprint) else ""
+        self._origin = f"{type(self).__name__}(dataset {name!r}{digest}{extra})"
+
+    def _init_spaces(self, longest_question: int, origin_extra: str = "") -> None:
+        """Free-text spaces bounded by the longest prompt and the longest observation delta, and
+        the first (empty) state. `longest_question`: the most characters a task adds to
+        `_make_prompt("")`. Call last in `__init__`, once `self.dataset` is set."""
+        self._init_origin(origin_extra)
         longest_prompt = len(self._make_prompt("")) + longest_question + len(self.ANSWER_NOW_NOTICE)
         longest_step = max(len(INFO_OPEN) + self.max_obs_chars + len(INFO_CLOSE),
                            len(self.INVALID_ACTION_FEEDBACK)) + len(self.ANSWER_NOW_NOTICE)
         self.max_observation_chars = max(longest_prompt, longest_step)
         self.observation_space = FreeText(self.max_observation_chars)
         self.action_space = FreeText(MAX_ACTION_CHARS)
-        self.state = self.STATE()
+        self.state = self.STATE(origin=self._origin)
+
+    def _release(self) -> None:
+        self.dataset = self.retriever = None
+        self.tasks, self._index = (), {}
 
     # -- public read-only views -----------------------------------------------------------------
     @property
@@ -85,6 +101,7 @@ class ToolEnv(ForkableEnv):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start an episode. The task comes from `options["task_id"]`, else from the seeded RNG
         (so `reset(seed=s)` always gives the same task). Returns the full prompt."""
+        self._check_open("reset")
         super().reset(seed=seed)
         options = dict(options or {})
         task_id = options.pop("task_id", None)
@@ -98,11 +115,12 @@ class ToolEnv(ForkableEnv):
         else:
             index = int(self.np_random.integers(len(self.tasks)))
         task = self.tasks[index]
-        prompt = self._make_prompt(task.question) + self._prompt_suffix
-        self.state = self.STATE(task=task, prompt=prompt, episode_seed=seed)
+        prompt = self._task_prompt(task) + self._prompt_suffix
+        self.state = self.STATE(task=task, prompt=prompt, episode_seed=seed, origin=self._origin)
         return prompt, self._info(True, None, None)
 
     def step(self, action: str):
+        self._check_open("step")
         st = self.state
         if st.task is None:
             raise ResetNeeded("call reset() before step()")
@@ -162,6 +180,10 @@ class ToolEnv(ForkableEnv):
     # -- what subclasses provide ----------------------------------------------------------------
     def _make_prompt(self, question: str) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _task_prompt(self, task) -> str:
+        """The prompt of one task; the web env adds the task's start URL."""
+        return self._make_prompt(task.question)
 
     def _parse(self, action: str) -> ParsedAction:  # pragma: no cover - abstract
         raise NotImplementedError

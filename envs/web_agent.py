@@ -3,27 +3,9 @@
 Why: Tree-GRPO's web-agent setting (GAIA, WebWalkerQA) calls paid search and page-reading APIs.
 Here the "web" is a `Site` (the synthetic world rendered as a wiki, or any folder of HTML files)
 and search is a local index over its pages, so web-agent RL is free, offline, reproducible and,
-like TreeSearchQA-v0, forkable at every step.
-
-Protocol (Search-R1 conventions, same parser as the QA env, `protocol.parse_action`):
-- `<search> q </search>`: top-k pages as `Doc i(Title: T, URL: u) snippet`. Snippets are short
-  fact-free summaries, so answers come from reading pages, not from the result list.
-- `<visit> url </visit>`: open a page of the site (absolute `/wiki/x.html`, relative to the
-  current page, or `http://site.local/...`).
-- `<click> n </click>`: open link `n` of what is on screen: link `[text][n]` of the current page,
-  or, right after a search, result `Doc n` (a results page is a page of links, as in a browser;
-  it also spares an agent copying a URL it was just shown).
-- `<next_page>`: the next part of the current page (pages longer than `max_obs_chars` come in
-  parts). A bare tag, so it doubles as its own stop string.
-- `<answer> a </answer>`: ends the episode; reward token F1 (default, the paper's web metric),
-  EM, or format-shaped EM.
-Anything else gets a fixed invalid-action feedback. A URL or link that leads nowhere (unknown,
-off-site, `file://`, `../` out of the site, bad number) gets an `Error: ...` observation; no step
-ever reads a file (the site is loaded into memory up front). Every tool call and every invalid
-action costs a turn; after `max_tool_calls` turns the agent must answer (as in the QA env).
-
-Forking: the browsing state (current page, part, visited pages, results on screen) is part of the immutable
-`WebState`, so `treegym.fork/snapshot/restore` stay O(1).
+like TreeSearchQA-v0, forkable at every step. The tool tags follow Search-R1's conventions and
+share its parser (`protocol.parse_action`); the episode rules are `ToolEnv`'s, shared with the
+QA env. The env's docs (Gymnasium's sections) are `TreeWebAgentEnv`'s docstring.
 """
 
 from __future__ import annotations
@@ -38,6 +20,7 @@ from typing import Any
 
 from treegym.envs import resources
 from treegym.envs.core import EnvState
+from treegym.envs.data.loaders import GOLD_PATH_KEY, START_KEY
 from treegym.envs.protocol import ParsedAction, format_docs, information, parse_action
 from treegym.envs.tool_env import ToolEnv
 from treegym.envs.site import Page, PageError, Site
@@ -82,10 +65,28 @@ _NEXT_RE = re.compile(r"<next_page\s*/?>")
 _OPEN_RE = re.compile(r"<(?:search|visit|click|answer)>")
 
 
-def make_prompt(question: str) -> str:
+START_LINE = "Start page: "
+
+
+def make_prompt(question: str, start: str | None = None) -> str:
+    """The instruction, `Question: {question}` and, for a task with a start URL, a line naming
+    it (`Start page: /docs/index.html`), as a web agent's task names its website. Tasks without
+    one (the synthetic world's) get exactly the prompt the committed web warm start learned."""
     if not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}")
-    return f"{WEB_INSTRUCTION}{question}\n"
+    if start is None:
+        return f"{WEB_INSTRUCTION}{question}\n"
+    return f"{WEB_INSTRUCTION}{question}\n{START_LINE}{start}\n"
+
+
+def task_start(task: Any) -> str | None:
+    """The task's start URL (`start` in its question file), or None."""
+    return (getattr(task, "meta", None) or {}).get(START_KEY)
+
+
+def task_gold_path(task: Any) -> tuple[str, ...]:
+    """The task's gold browsing path (`gold_path` in its question file), or ()."""
+    return tuple((getattr(task, "meta", None) or {}).get(GOLD_PATH_KEY) or ())
 
 
 def parse_web_action(text: str) -> ParsedAction:
@@ -202,21 +203,85 @@ def _dataset_for(site: Any, data: Any) -> Any:
 
 
 class TreeWebAgentEnv(ToolEnv):
-    """Offline web agent over a local site. See the module docstring for the protocol.
+    """Offline web agent: answer a question by searching and browsing a local website.
 
-    Args:
-        site: "synthetic" (the synthetic world of `data` as a wiki; default), a folder of HTML
-            files, a `treegym world` directory (its `site/` folder), or a `Site`.
-        data: the tasks; default: the synthetic world for site="synthetic" (the site spec is
-            used as the data spec, e.g. "synthetic?seed=1"), the world's QA for a world dir.
-            Also a Search-R1 parquet, a FlashRAG jsonl or a `Dataset`.
-        split: which split's tasks `reset` draws from.
-        retriever: "bm25" (an index over the site's pages; default) or another index kind, an
-            index directory, a retrieval-server URL, or any Retriever whose doc ids are URLs.
-        topk: search results per query.
-        max_tool_calls: turns that may use tools before the answer is forced (paper: 5).
-        reward: "f1" (token F1, default), "em" or "format_em" (Search-R1's format shaping).
-        max_obs_chars: bound on one observation's text; longer pages come in parts.
+    ## Description
+    The "web" is a `Site`: the synthetic world rendered as a wiki (home page, category lists,
+    one page per entity, links between related entities), any folder of HTML files (converted
+    with html2text and held in memory), or a `treegym world` directory's `site/`. Search is a
+    local index over the pages. Answers sit on pages, not in search snippets, so an agent has
+    to open pages and follow links, as in Tree-GRPO's web setting (GAIA, WebWalkerQA).
+
+    Your own site and questions: `gym.make("TreeWebAgent-v0", site="my_site/",
+    data="questions.jsonl")`, one JSON object a line::
+
+        {"id": "q1", "question": "Who maintains the parser?", "golden_answers": ["Ada"],
+         "start": "/index.html", "gold_path": ["/index.html", "/team.html"]}
+
+    `start` (optional) is named in the prompt (`Start page: /index.html`); `gold_path`
+    (optional) is the pages a solver opens, in order, for `oracle_actions` and SFT data. Both
+    must be pages of the site (checked at `gym.make`). A Search-R1 parquet takes the same two
+    columns. A dataset read from one file has one split and loads without `split=`.
+
+    ## Action Space
+    `FreeText(65536)`: any `str`, one generation of the policy. The first tool tag decides:
+    - `<search> q </search>`: the top-k pages as `Doc i(Title: T, URL: u) snippet`.
+    - `<visit> url </visit>`: open a page (`/wiki/x.html`, relative to the current page, or
+      `http://site.local/...`).
+    - `<click> n </click>`: open link `[text][n]` of the current page or, right after a search,
+      result `Doc n`.
+    - `<next_page>`: the next part of the current page (long pages come in parts).
+    - `<answer> a </answer>`: end the episode.
+    Control and invisible characters in an argument are removed (the action stays valid); an
+    action with no complete tag, an empty or nested argument, or over 65,536 characters gets a
+    fixed invalid-action feedback instead. A URL or link that leads nowhere (unknown, off-site,
+    `file://`, `../` out of the site, bad number) gets an `Error: ...` observation; no step
+    reads a file.
+
+    ## Observation Space
+    `FreeText(max_observation_chars)`: `reset` returns the full prompt (instruction, `Question:
+    ...` and, for a task with one, the start page); `step` returns only the new text, a page
+    part or the results inside `\n\n<information>...</information>\n\n`, at most
+    `max_obs_chars` characters of it, or the invalid-action feedback. Wrap with
+    `TranscriptObservation` for the whole transcript.
+
+    ## Rewards
+    On the terminating `<answer>` step only: token F1 against the best gold answer (`"f1"`,
+    default, the paper's web metric), SQuAD exact match (`"em"`) or Search-R1's format-shaped EM
+    (`"format_em"`). Every other step: 0.
+
+    ## Starting State
+    `reset(seed=s)` draws a task of `split` from the seeded RNG (`options={"task_id": id}`
+    picks one); no page is open.
+
+    ## Episode End
+    Terminated by an `<answer>`. Every step (tool call or invalid action) costs a turn; the
+    observation of turn `max_tool_calls` tells the agent to answer, and any non-answer after it
+    truncates the episode with reward 0. Stepping a finished episode raises `ResetNeeded`.
+
+    ## Arguments
+    - `site`: `"synthetic"` (the synthetic world of `data` as a wiki; default), a folder of HTML
+      files, a `treegym world` directory (its `site/`), or a `Site`.
+    - `data`: the questions. Default: the synthetic world (`site` is used as the data spec, e.g.
+      `"synthetic?seed=1"`), or a world directory's own. Also a FlashRAG-style `.jsonl` or
+      Search-R1 `.parquet` (with optional `start`/`gold_path`), a directory of
+      `{train,dev,test}` files, or a `Dataset`.
+    - `split`: the split `reset` draws from (`"train"`; ignored for a one-file dataset).
+    - `retriever`: `"bm25"` (an index over the site's pages; default) or another index kind, an
+      index directory, a retrieval-server URL, or any Retriever whose doc ids are URLs.
+    - `topk`: results per search (3). `max_tool_calls`: turns before the answer is forced (5,
+      Tree-GRPO's web setting). `reward`: `"f1"`, `"em"` or `"format_em"`.
+    - `max_obs_chars`: characters of one observation (2048); longer pages come in parts.
+
+    Forking: the browsing state (page, part, visited pages, results on screen) lives in the
+    immutable `WebState`, so `treegym.fork/snapshot/restore` are O(1); `restore` refuses a
+    snapshot of another env, dataset or site (`SnapshotMismatchError`); after `close()` the env
+    refuses `reset/step/snapshot/restore/fork` (`ClosedEnvironmentError`).
+
+    ## Version History
+    - v0: initial version. Later additions that leave v0 episodes unchanged: a task's `start`
+      URL in the prompt (tasks without one keep the v0 prompt), `gold_path`, one-file datasets
+      without `split=`, `close()` and the restore check.
     """
 
     STOP_STRINGS = STOP_STRINGS
@@ -233,19 +298,22 @@ class TreeWebAgentEnv(ToolEnv):
                            reward=reward, render_mode=render_mode, min_obs_chars=64)
         self.dataset = _dataset_for(site, data)
         self.site = load_site(site, self.dataset)
-        splits = tuple(getattr(self.dataset, "splits", {}) or ())
-        if splits and split not in splits:
-            raise ValueError(f"unknown split {split!r} for dataset "
-                             f"{getattr(self.dataset, 'name', data)!r}; available: {', '.join(splits)}")
-        self.split = split
-        self.tasks = tuple(self.dataset.tasks(split))
-        if not self.tasks:
+        view = resources.get_split(self.dataset, split)  # the QA env's rule: ValueError if unknown
+        if not view.tasks:
             raise ValueError(f"split {split!r} of dataset {getattr(self.dataset, 'name', data)!r} "
                              "has no tasks")
-        self._index = {t.id: i for i, t in enumerate(self.tasks)}
+        self.split = split
+        self.tasks = view.tasks
+        self._index = view.index
+        longest = _check_web_fields(self.site, self.tasks)
         self.retriever = site_retriever(self.site, retriever)
 
-        self._init_spaces(max(len(t.question) for t in self.tasks))
+        self._init_spaces(longest, origin_extra=f", site {self.site.name!r} "
+                                                 f"sha256:{self.site.fingerprint()[:12]}")
+
+    def _release(self) -> None:
+        super()._release()
+        self.site = None
 
     # -- public read-only views -----------------------------------------------------------------
     @property
@@ -256,6 +324,10 @@ class TreeWebAgentEnv(ToolEnv):
     # -- the tools ----------------------------------------------------------------------------
     def _make_prompt(self, question: str) -> str:
         return make_prompt(question)
+
+    def _task_prompt(self, task: Any) -> str:
+        start = task_start(task)
+        return make_prompt(task.question, None if start is None else self.site.resolve(start))
 
     def _parse(self, action: str) -> ParsedAction:
         return parse_web_action(action)
@@ -356,20 +428,54 @@ def _result(results: tuple[str, ...], number: str) -> str:
     return results[n - 1]
 
 
+def _check_web_fields(site: Site, tasks: Any) -> int:
+    """Check that every task's `start` and `gold_path` URLs are pages of `site` (a ValueError
+    naming the task and the URL otherwise, at `gym.make` rather than mid-rollout); return the
+    most characters a task adds to the prompt (question plus start line)."""
+    def page(task: Any, url: str) -> str:
+        try:
+            return site.resolve(url)
+        except PageError as err:
+            raise ValueError(f"task {task.id!r}: {url!r} is not a page of site {site.name!r} "
+                             f"({err})") from None
+
+    longest = 0
+    for task in tasks:
+        for url in task_gold_path(task):
+            page(task, url)
+        start = task_start(task)
+        start_line = 0 if start is None else len(START_LINE) + len(page(task, start)) + 1
+        longest = max(longest, len(task.question) + start_line)
+    return longest
+
+
 def oracle_actions(site: Site, task: Any, search: Any = None) -> list[str]:
-    """The gold browsing path of `task` as actions: search the first hop's page title, open it
-    (click its result when `search(query) -> result URLs` shows it, else visit its URL), follow
-    the link to each next hop (or visit it when the page does not link it, as for a comparison's
-    second entity), answer. For scripted SFT data and tests; needs tasks whose `supporting_ids`
-    are doc ids rendered by `site` (the synthetic world's)."""
-    urls = [site.url_for_doc(d) for d in task.supporting_ids]
-    if not urls:
-        raise ValueError(f"task {task.id!r} has no supporting ids to follow")
-    title = site.pages[urls[0]].title
-    shown = list(search(title)) if search is not None else []
-    actions = [f"<think>I search for {title}.</think>\n<search> {title} </search>",
-               f"<think>I open its result.</think>\n<click> {shown.index(urls[0]) + 1} </click>"
-               if urls[0] in shown else f"<think>I open its page.</think>\n<visit> {urls[0]} </visit>"]
+    """The gold browsing path of `task` as actions, for scripted SFT data and tests.
+
+    The path is the task's `gold_path` if it has one, else the pages rendering its
+    `supporting_ids` (the synthetic world's tasks). A task with a `start` URL visits it first
+    (the prompt names it); otherwise the oracle searches the first page's title and opens it
+    (clicks its result when `search(query) -> result URLs` shows it, else visits its URL). Each
+    next page is reached by clicking its link on the current page, or visited when the page
+    does not link it (as for a comparison's second entity). Then it answers."""
+    if task_gold_path(task):
+        urls = [site.resolve(u) for u in task_gold_path(task)]
+    else:
+        urls = [site.url_for_doc(d) for d in task.supporting_ids]
+    start = task_start(task)
+    if start is not None:
+        start = site.resolve(start)
+        urls = urls if urls and urls[0] == start else [start] + urls
+        actions = [f"<think>I start at the given page.</think>\n<visit> {start} </visit>"]
+    elif urls:
+        title = site.pages[urls[0]].title
+        shown = list(search(title)) if search is not None else []
+        actions = [f"<think>I search for {title}.</think>\n<search> {title} </search>",
+                   f"<think>I open its result.</think>\n<click> {shown.index(urls[0]) + 1} </click>"
+                   if urls[0] in shown else
+                   f"<think>I open its page.</think>\n<visit> {urls[0]} </visit>"]
+    else:
+        raise ValueError(f"task {task.id!r} has no start, gold_path or supporting ids to follow")
     for prev, url in zip(urls, urls[1:]):
         links = site.pages[prev].links
         if url in links:
@@ -382,6 +488,7 @@ def oracle_actions(site: Site, task: Any, search: Any = None) -> list[str]:
     return actions
 
 
-__all__ = ["oracle_actions", "TreeWebAgentEnv", "WebState", "parse_web_action", "make_prompt", "load_site",
+__all__ = ["oracle_actions", "TreeWebAgentEnv", "WebState", "parse_web_action", "make_prompt",
+           "task_start", "task_gold_path", "START_LINE", "load_site",
            "site_retriever", "STOP_STRINGS", "TOOLS", "INVALID_ACTION_FEEDBACK",
            "ANSWER_NOW_NOTICE", "WEB_INSTRUCTION", "DEFAULT_MAX_OBS_CHARS"]

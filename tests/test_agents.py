@@ -165,14 +165,43 @@ def test_oracle_finishes_a_fork_of_another_policys_episode(env, oracle):
 
 
 def test_random_policy_is_well_formed_and_deterministic(env):
-    a = run_episode(RandomPolicy(3), env, seed=11)
-    b = run_episode(RandomPolicy(3), env, seed=11)
+    a = run_episode(RandomPolicy(seed=3), env, seed=11)
+    b = run_episode(RandomPolicy(seed=3), env, seed=11)
     assert a.token_ids == b.token_ids
     for turn in a.turns:
         assert parse_action(turn.action_text).valid
-    c = run_episode(RandomPolicy(4), env, seed=11)
+    c = run_episode(RandomPolicy(seed=4), env, seed=11)
     assert c.prompt_ids == a.prompt_ids
     assert len(a.turns) >= 1
+
+
+def test_scripted_policies_take_the_same_arguments(env):
+    """Same first argument (the tasks), same keyword names in the same order."""
+    import inspect
+
+    oracle = list(inspect.signature(OraclePolicy).parameters)
+    rand = list(inspect.signature(RandomPolicy).parameters)
+    shared = ["source", "tokenizer", "max_searches", "think"]
+    assert oracle[:4] == shared and rand[:4] == shared
+    dataset = env.unwrapped.dataset
+    for cls in (OraclePolicy, RandomPolicy):  # built alike, both run and honour the options
+        policy = cls(dataset, tokenizer=ByteTokenizer(), max_searches=1, think=True)
+        ep = run_episode(policy, env, seed=5)
+        actions = [t.action_text for t in ep.turns]
+        assert all(a.startswith("<think>") for a in actions)
+        assert sum("<search>" in a for a in actions) <= 1
+        assert "<answer>" in actions[-1]
+
+
+def test_random_policy_source_and_old_positional_seed(env):
+    dataset = env.unwrapped.dataset
+    titles = {d.title for d in dataset.world.docs}
+    assert set(RandomPolicy(dataset).vocabulary) == titles  # every doc's title, task-blind
+    with pytest.warns(DeprecationWarning, match="seed="):
+        old = RandomPolicy(3)
+    assert old.seed == 3 and old.vocabulary == []
+    assert run_episode(old, env, seed=11).token_ids == run_episode(
+        RandomPolicy(seed=3), env, seed=11).token_ids
 
 
 def test_replay_reproduces_an_episode(env, oracle):

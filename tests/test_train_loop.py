@@ -142,7 +142,7 @@ def test_eval_matches_env_rewards(small_world):
 
     env = gym.make("TreeSearchQA-v0", data=small_world, split="test", reward="em")
     tasks = list(env.unwrapped.tasks)
-    for policy in (OraclePolicy(small_world, max_searches=3), RandomPolicy(0, answer_prob=0.5)):
+    for policy in (OraclePolicy(small_world, max_searches=3), RandomPolicy(seed=0, answer_prob=0.5)):
         eps = run_episodes(policy, env, tasks, max_new_tokens=400, temperature=1.0, seed=1)
         # replay the same actions one episode at a time on a fresh fork, reading the env's reward
         for ep, task in zip(eps, tasks):
@@ -159,7 +159,7 @@ def test_eval_matches_env_rewards(small_world):
         assert m["em"] == pytest.approx(np.mean([e.reward for e in eps]))
         if isinstance(policy, OraclePolicy):
             assert m["em"] == 1.0 and m["invalid_actions"] == 0
-    rand = summarize(run_episodes(RandomPolicy(0, answer_prob=0.5), env, tasks, samples=3,
+    rand = summarize(run_episodes(RandomPolicy(seed=0, answer_prob=0.5), env, tasks, samples=3,
                                   max_new_tokens=400, temperature=1.0))
     assert "pass@3" in rand and rand["pass@3"] >= rand["em"]
 

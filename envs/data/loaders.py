@@ -23,6 +23,12 @@ from treegym.envs.protocol import make_prompt
 QUESTION_MARKER = "Question:"
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
+# Optional web-task fields of a question row, kept in `Task.meta` under these keys: the URL the
+# web agent starts from (TreeWebAgent-v0 names it in the prompt) and the pages a solver opens in
+# order (the scripted oracle and SFT data follow them). The QA env ignores both.
+START_KEY = "start"
+GOLD_PATH_KEY = "gold_path"
+
 
 # ---------------------------------------------------------------------------------------------
 # Writing (used by World.write; public so users can export their own tasks)
@@ -130,13 +136,38 @@ def _meta(value: Any, where: str) -> dict[str, Any]:
     if value is None or value == "":
         return {}
     if isinstance(value, dict):
-        return value
+        return dict(value)
     try:
         meta = json.loads(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: `meta` is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: `meta` must be a JSON object")
+    return meta
+
+
+def _web_fields(row: dict[str, Any], meta: dict[str, Any], where: str) -> dict[str, Any]:
+    """`meta` with the row's `start` (a URL) and `gold_path` (a list of URLs) checked and added.
+
+    Top-level keys win over the same keys inside `meta` (which is where `search_r1_rows` writes
+    them, so a written file reads back the same)."""
+    start = row.get(START_KEY)
+    start = meta.get(START_KEY) if start is None else start
+    if start is not None:
+        if not isinstance(start, str) or not start.strip():
+            raise ValueError(f"{where}: `{START_KEY}` must be a non-empty URL string, got {start!r}")
+        meta = {**meta, START_KEY: start.strip()}
+    path = row.get(GOLD_PATH_KEY)
+    path = meta.get(GOLD_PATH_KEY) if path is None else path
+    if path is not None:
+        try:
+            urls = [] if isinstance(path, str) else list(path)
+        except TypeError:
+            urls = []
+        if not urls or not all(isinstance(u, str) and u.strip() for u in urls):
+            raise ValueError(f"{where}: `{GOLD_PATH_KEY}` must be a non-empty list of URL strings "
+                             f"(the pages a solver opens, in order), got {path!r}")
+        meta = {**meta, GOLD_PATH_KEY: tuple(u.strip() for u in urls)}
     return meta
 
 
@@ -174,11 +205,12 @@ def _make_task(row: dict[str, Any], where: str, default_id: str) -> Task:
     return Task(id=task_id, question=question.strip(), answers=tuple(answers),
                 supporting_ids=_supporting(row.get("supporting_ids"), where),
                 kind=kind if isinstance(kind, str) and kind else "unknown",
-                meta=_meta(row.get("meta"), where))
+                meta=_web_fields(row, _meta(row.get("meta"), where), where))
 
 
 _PARQUET_COLUMNS = frozenset({"question", "prompt", "reward_model", "golden_answers", "id",
-                              "supporting_ids", "kind", "meta", "extra_info"})
+                              "supporting_ids", "kind", "meta", "extra_info", START_KEY,
+                              GOLD_PATH_KEY})
 
 
 def _column(table: Any, name: str, *fields: str) -> list[Any] | None:
@@ -232,7 +264,7 @@ def load_search_r1_parquet(path: str | os.PathLike[str], split: str | None = Non
                    and isinstance(rm.get("ground_truth"), dict) else None
                    for rm in table.column("reward_model").to_pylist()]
     other = {name: _column(table, name) for name in ("golden_answers", "id", "supporting_ids",
-                                                     "kind", "meta")}
+                                                     "kind", "meta", START_KEY, GOLD_PATH_KEY)}
     indexes = _column(table, "extra_info", "index")
     split_name = split or path.stem
     tasks = []
@@ -253,7 +285,8 @@ def load_search_r1_parquet(path: str | os.PathLike[str], split: str | None = Non
 
 def load_flashrag_jsonl(path: str | os.PathLike[str], split: str | None = None) -> list[Task]:
     """Tasks from FlashRAG jsonl (one object a line: `question`, `golden_answers`, optional
-    `id`). Blank lines are skipped; errors name the file and line (1-based)."""
+    `id`, `supporting_ids`, `kind`, `meta`, and for the web env `start` and `gold_path`). Blank
+    lines are skipped; errors name the file and line (1-based)."""
     path = Path(path)
     split_name = split or path.stem
     tasks = []
@@ -321,5 +354,5 @@ def load_tasks(path: str | os.PathLike[str], split: str | None = None) -> list[T
                      f".jsonl (FlashRAG) or a directory written by `treegym world`")
 
 
-__all__ = ["SEARCH_R1_INSTRUCTION", "QUESTION_MARKER", "search_r1_rows", "write_search_r1_parquet",
+__all__ = ["SEARCH_R1_INSTRUCTION", "QUESTION_MARKER", "START_KEY", "GOLD_PATH_KEY", "search_r1_rows", "write_search_r1_parquet",
            "load_search_r1_parquet", "load_flashrag_jsonl", "load_tasks"]

@@ -5,9 +5,14 @@ Shows that the pieces compose with any RL code: the env is plain Gymnasium, bran
 `treegym.tree.advantages.tree_grpo` applied to trees this script builds itself. No torch: the
 policy is a linear softmax (numpy) over five macro-actions; features = hashed question words,
 separately before and after the first search. It learns to search first and then pick the right extractor for
-the question type (year / city / employer), from outcome reward alone, in well under a minute.
+the question type (year / city / employer), from outcome reward alone, in seconds:
 
-    .venv/bin/python examples/reinforce_tree_baseline.py --iterations 40
+    $ .venv/bin/python examples/reinforce_tree_baseline.py --iterations 40
+    ...
+    mean reward: first 8 iters 0.296 -> last 8 iters 0.728 (2.8s)
+
+(the rewards are deterministic; the time is from 2 shared CPU cores with the synthetic world and
+its index already cached under $TREEGYM_HOME; the first run builds them.)
 """
 
 from __future__ import annotations

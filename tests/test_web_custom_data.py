@@ -176,3 +176,26 @@ def test_malformed_web_fields_name_the_file_and_line(tmp_path, row, message):
     with pytest.raises(ValueError, match=message) as err:
         resolve_dataset(str(path))
     assert "bad.jsonl: line 2" in str(err.value)
+
+
+def test_the_readme_example_file_works(site_dir, tmp_path):
+    """The question file shown in README.md (Environments) loads and runs on a site that has the
+    pages it names, and the prompt is the one the README says."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Environments", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```jsonl\n(.*?)```", section, re.S).group(1)
+    path = tmp_path / "questions.jsonl"
+    path.write_text(block, encoding="utf-8")
+    env = gym.make("TreeWebAgent-v0", site=str(site_dir), data=str(path))
+    shown = re.search(r'# ends "(.*?)"\n', section).group(1).encode().decode("unicode_escape")
+    assert env.reset(options={"task_id": "who"})[0].endswith(shown)
+    u = env.unwrapped
+    for task in u.tasks:
+        if task.meta.get("gold_path"):
+            env.reset(options={"task_id": task.id})
+            for action in oracle_actions(u.site, task, search=u.result_urls):
+                _, reward, terminated, *_ = env.step(action)
+            assert terminated and reward == 1.0

@@ -234,7 +234,8 @@ class ForkableEnv(gym.Env[str, str]):
             raise TypeError(f"restore() takes an EnvState from snapshot(), got {type(state).__name__}")
         if state.origin != self._origin or not isinstance(state, type(self.state)):
             raise SnapshotMismatchError(
-                f"cannot restore a {type(state).__name__} taken on {state.origin or 'no env'} "
+                f"cannot restore a {type(state).__name__} taken on "
+                f"{state.origin or 'no recorded env (made by hand, or pickled by an older treegym)'} "
                 f"into {self._origin or type(self).__name__}: a snapshot only restores into the "
                 "env it was taken on (or a fork, or an env made the same way in another process)")
 

@@ -130,6 +130,33 @@ def test_same_env_snapshots_still_restore(env_id, data):
     assert obs.startswith("\n\n<information>")
 
 
+def test_same_data_loaded_twice_restores_and_hand_made_states_do_not(tmp_path):
+    """The origin is content, not object identity: the same file read into two Dataset objects
+    (as in two processes) gives interchangeable snapshots."""
+    import json
+
+    from treegym.envs.core import EnvState
+    from treegym.envs.data import resolve_dataset
+    from treegym.retrieval_index.base import Hit
+
+    class Echo:  # a Retriever: any object with search(queries, k)
+        def search(self, queries, k):
+            return [[Hit("d1", 1.0, "T", q)] for q in queries]
+
+    path = tmp_path / "qs.jsonl"
+    path.write_text(json.dumps({"question": "Q?", "golden_answers": ["A"]}) + "\n")
+    one, two = resolve_dataset(str(path)), resolve_dataset(str(path))
+    assert one is not two and one.fingerprint() == two.fingerprint()
+    a = gym.make("TreeSearchQA-v0", data=one, retriever=Echo())
+    b = gym.make("TreeSearchQA-v0", data=two, retriever=Echo())
+    a.reset(seed=0)
+    a.step("<search> hello </search>")
+    treegym.restore(b, pickle.loads(pickle.dumps(treegym.snapshot(a))))
+    assert b.unwrapped.state.transcript == a.unwrapped.state.transcript
+    with pytest.raises(SnapshotMismatchError, match="no recorded env"):
+        treegym.restore(b, EnvState())
+
+
 ACTIONS = st.sampled_from(["<search> capital </search>", "<search> born </search>",
                            "no tag", "<answer> x </answer>", "<visit> /index.html </visit>"])
 

@@ -101,8 +101,9 @@ def test_start_and_gold_path_are_kept_on_the_task(env):
 
 def test_the_agent_can_follow_the_start_url(env):
     env.reset(options={"task_id": "who"})
-    obs, *_ = env.step("<visit> /index.html </visit>")
-    assert "Page: Quill Project (/index.html)" in obs and "[Team][1]" in obs
+    obs, *_, info = env.step("<visit> /index.html\x1b\u200b </visit>")  # control chars: cleaned
+    assert info["valid_action"] and "Page: Quill Project (/index.html)" in obs
+    assert "[Team][1]" in obs
     obs, *_ = env.step("<click> 1 </click>")
     assert "Ada Ventris" in obs
     _, reward, terminated, *_ = env.step("<answer> Ada Ventris </answer>")
@@ -149,6 +150,17 @@ def test_parquet_keeps_start_and_gold_path(env, site_dir, tmp_path):
     e = gym.make("TreeWebAgent-v0", site=str(site_dir), data=str(path))
     obs, _ = e.reset(options={"task_id": "who"})
     assert obs.endswith("Start page: /index.html\n")
+    # Plain `start` / `gold_path` columns next to Search-R1's own, as a user would add them.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([
+        {"question": q["question"], "reward_model": {"ground_truth": {"target": q["golden_answers"]}},
+         "start": q.get("start"), "gold_path": q.get("gold_path")} for q in QUESTIONS])
+    pq.write_table(table, tmp_path / "columns.parquet")
+    e = gym.make("TreeWebAgent-v0", site=str(site_dir), data=str(tmp_path / "columns.parquet"))
+    assert [(t.meta.get("start"), t.meta.get("gold_path")) for t in e.unwrapped.tasks] == \
+        [(q.get("start"), tuple(q["gold_path"]) if "gold_path" in q else None) for q in QUESTIONS]
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -251,9 +251,10 @@ class ForkableEnv(gym.Env[str, str]):
     def close(self) -> None:
         """Release the episode state and this env's references to shared resources. Idempotent.
 
-        The resources themselves (dataset, index, query cache) are shared with forks and other
-        envs of the process (`envs.resources`), so they are dropped here, not shut down: they are
-        freed once no env holds them.
+        The resources themselves (dataset, index, query cache, site) are shared with forks and
+        other envs and stay in the per-process memo (`treegym.envs.resources`) for the next
+        `gym.make`, so they are dropped here, not shut down; `resources.clear()` forgets the
+        datasets and retrievers, which are freed once no env holds them.
         """
         if not self._closed:
             self._closed = True

@@ -48,7 +48,7 @@ class TreeSearchQAEnv(ToolEnv):
     ## Observation Space
     `FreeText(max_observation_chars)`: `reset` returns the full prompt (instruction +
     `Question: ...`); `step` returns only the new text, for a search
-    `\n\n<information>Doc 1(Title: T) text\nDoc 2(...)...</information>\n\n` (the docs cut to
+    `\\n\\n<information>Doc 1(Title: T) text\\nDoc 2(...)...</information>\\n\\n` (the docs cut to
     `max_obs_chars`), for an invalid action the feedback, for the answer `""`. Gold answers are
     never in an observation (they are in `env.unwrapped.task`). Wrap with
     `TranscriptObservation` for the whole transcript.

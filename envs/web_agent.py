@@ -225,12 +225,15 @@ class TreeWebAgentEnv(ToolEnv):
 
     ## Action Space
     `FreeText(65536)`: any `str`, one generation of the policy. The first tool tag decides:
-    - `<search> q </search>`: the top-k pages as `Doc i(Title: T, URL: u) snippet`.
+    - `<search> q </search>`: the top-k pages as `Doc i(Title: T, URL: u) snippet`. Snippets
+      are short fact-free summaries, so answers come from reading pages.
     - `<visit> url </visit>`: open a page (`/wiki/x.html`, relative to the current page, or
       `http://site.local/...`).
     - `<click> n </click>`: open link `[text][n]` of the current page or, right after a search,
-      result `Doc n`.
-    - `<next_page>`: the next part of the current page (long pages come in parts).
+      result `Doc n` (a results page is a page of links, as in a browser; it also spares the
+      agent copying a URL it was just shown).
+    - `<next_page>`: the next part of the current page (pages longer than `max_obs_chars` come
+      in parts). A bare tag, so it doubles as its own stop string.
     - `<answer> a </answer>`: end the episode.
     Control and invisible characters in an argument are removed (the action stays valid); an
     action with no complete tag, an empty or nested argument, or over 65,536 characters gets a
@@ -241,7 +244,7 @@ class TreeWebAgentEnv(ToolEnv):
     ## Observation Space
     `FreeText(max_observation_chars)`: `reset` returns the full prompt (instruction, `Question:
     ...` and, for a task with one, the start page); `step` returns only the new text, a page
-    part or the results inside `\n\n<information>...</information>\n\n`, at most
+    part or the results inside `\\n\\n<information>...</information>\\n\\n`, at most
     `max_obs_chars` characters of it, or the invalid-action feedback. Wrap with
     `TranscriptObservation` for the whole transcript.
 

@@ -83,17 +83,16 @@ class Dataset:
         What env snapshots are stamped with (`EnvState.origin`): two datasets that share a name
         (two files called `test.jsonl`, two synthetic worlds with the same seed and other
         parameters) still differ here, and the same data read in another process matches.
-        Computed once per Dataset (a 170k-task split takes a fraction of a second).
+        Computed once per Dataset (170k Search-R1-sized tasks: ~0.4 s on one busy core).
         """
         cached = vars(self).get("_fingerprint")
         if cached is None:
             digest = hashlib.sha256()
             for split in sorted(self.splits):
                 digest.update(split.encode("utf-8", "surrogatepass") + b"\x1d")
-                for t in self.splits[split]:
-                    for piece in (t.id, t.question, "\x1f".join(t.answers),
-                                  "\x1f".join(t.supporting_ids)):
-                        digest.update(piece.encode("utf-8", "surrogatepass") + b"\x1e")
+                text = "\x1e".join(f"{t.id}\x1f{t.question}\x1f{chr(0x1c).join(t.answers)}\x1f"
+                                   f"{chr(0x1c).join(t.supporting_ids)}" for t in self.splits[split])
+                digest.update(text.encode("utf-8", "surrogatepass"))
             cached = digest.hexdigest()
             object.__setattr__(self, "_fingerprint", cached)
         return cached

@@ -354,5 +354,5 @@ def load_tasks(path: str | os.PathLike[str], split: str | None = None) -> list[T
                      f".jsonl (FlashRAG) or a directory written by `treegym world`")
 
 
-__all__ = ["SEARCH_R1_INSTRUCTION", "QUESTION_MARKER", "START_KEY", "GOLD_PATH_KEY", "search_r1_rows", "write_search_r1_parquet",
-           "load_search_r1_parquet", "load_flashrag_jsonl", "load_tasks"]
+__all__ = ["SEARCH_R1_INSTRUCTION", "QUESTION_MARKER", "START_KEY", "GOLD_PATH_KEY", "search_r1_rows",
+           "write_search_r1_parquet", "load_search_r1_parquet", "load_flashrag_jsonl", "load_tasks"]

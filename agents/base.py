@@ -97,20 +97,29 @@ def first_end(ids: Sequence[int], stops: Sequence[str], decode: Callable[[Sequen
 
     For a backend that samples past the point where the local rule would have stopped (a server
     with its own stop rule): cutting there gives the ids a local backend would have produced from
-    the same sampled tokens. A quick check on the whole text skips the token walk when no stop
-    string occurs at all (a window's text is a substring of the whole text for byte-level BPE and
-    SentencePiece decoders, so the check never hides a hit).
+    the same sampled tokens. Fast path: a window's text is a substring of its prefix's text (true
+    for byte-level BPE and SentencePiece decoders), and a prefix's text only grows, so the first
+    prefix whose text shows a stop string is found by bisection and the token walk starts there
+    (tests/test_sglang_stop_rule.py checks this against the plain walk).
     """
     ids = list(ids)
-    stops = tuple(stops) if stops and any(s in decode(ids) for s in stops) else ()
-    if not stops and not any(t in eos_ids for t in ids):
-        return None
-    window = stop_window(stops)
-    for k in range(1, len(ids) + 1):
-        why = ends_generation(ids[:k], stops, decode, eos_ids, window)
-        if why is not None:
-            return k, why
-    return None
+    eos_at = next((k for k, t in enumerate(ids, 1) if t in eos_ids), None)
+    limit = eos_at or len(ids)
+    stops = tuple(stops) if stops and any(s in decode(ids[:limit]) for s in stops) else ()
+    if stops:
+        lo, hi = 1, limit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in decode(ids[:mid]) for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        window = stop_window(stops)
+        for k in range(lo, limit + 1):
+            why = ends_generation(ids[:k], stops, decode, eos_ids, window)
+            if why is not None:
+                return k, why
+    return (eos_at, "eos") if eos_at is not None else None
 
 
 @runtime_checkable

@@ -100,17 +100,44 @@ def test_generate_matches_the_local_backend_on_a_deterministic_server(standin, m
     assert seeds[0] != seeds[1] and all(0 <= s < 2**31 for s in seeds)
 
 
-def test_seeded_episode_is_identical_through_both_backends(standin, model_dir, local):
-    client = client_for(standin(deterministic=True), model_dir)
-    env = gym.make("TreeSearchQA-v0", data="synthetic", split="train", max_tool_calls=2)
-    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95)
+HONOURED = [dict(deterministic=True), dict(version="0.5.4", deterministic=True),
+            dict(deterministic=True, api_key="s3cret")]
+IGNORED = [dict(), dict(version="0.5.2")]
+EPISODE = dict(max_new_tokens=24, temperature=1.0, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def env():
+    return gym.make("TreeSearchQA-v0", data="synthetic", split="train", max_tool_calls=2)
+
+
+@pytest.mark.parametrize("modes", HONOURED, ids=["0.5.23-det", "0.5.4-det", "api-key"])
+def test_seeded_episode_is_identical_through_both_backends(standin, model_dir, local, env, modes):
+    client = client_for(standin(**modes), model_dir, api_key=modes.get("api_key"), seeds="require")
     for seed in (3, 4):
-        remote = run_episode(client, env, seed=seed, **kw)
-        ref = run_episode(local, env, seed=seed, **kw)
+        remote = run_episode(client, env, seed=seed, **EPISODE)
+        ref = run_episode(local, env, seed=seed, **EPISODE)
         assert remote.token_ids == ref.token_ids and remote.action_mask == ref.action_mask
         torch.testing.assert_close(torch.tensor(remote.logprobs), torch.tensor(ref.logprobs),
                                    atol=1e-5, rtol=0)
         assert remote.reward == ref.reward and remote.transcript == ref.transcript
+
+
+@pytest.mark.parametrize("modes", IGNORED, ids=["0.5.23-default", "0.5.2"])
+def test_seeded_episode_differs_where_seeds_are_ignored_and_greedy_still_agrees(
+        standin, model_dir, local, env, modes):
+    """The documented difference: a server that ignores seeds samples other tokens than the
+    same seeded episode on HFPolicy (and than itself on a rerun); greedy episodes still agree."""
+    client = client_for(standin(**modes), model_dir)
+    with pytest.warns(SGLangWarning, match="ignores per-request seeds"):
+        client.server_info()
+    sampled = [run_episode(client, env, seed=3, **EPISODE).token_ids for _ in range(2)]
+    ref = run_episode(local, env, seed=3, **EPISODE)
+    assert not (sampled[0] == sampled[1] == ref.token_ids)
+    greedy = dict(EPISODE, temperature=0.0)
+    remote = run_episode(client, env, seed=3, **greedy)
+    ref = run_episode(local, env, seed=3, **greedy)
+    assert remote.token_ids == ref.token_ids and remote.transcript == ref.transcript
 
 
 def test_preferred_sampling_params_cannot_change_our_sampling(standin, model_dir, local):

@@ -165,6 +165,8 @@ class ServerInfo:
             except json.JSONDecodeError:
                 raise SGLangError(f"{url}: preferred_sampling_params is not JSON: "
                                   f"{pref[:200]!r}") from None
+        if pref is not None and not isinstance(pref, dict):
+            raise SGLangError(f"{url}: preferred_sampling_params is not an object: {pref!r}")
         ctx = server.get("context_length")
         wv = model.get("weight_version", server.get("weight_version"))
         return cls(url=url, version=version,

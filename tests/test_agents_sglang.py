@@ -235,6 +235,27 @@ def test_a_stop_string_spelled_with_extra_tokens_is_cut_like_hf(standin, model_d
     assert client.stats["overrun_tokens"] == res.meta["overrun_tokens"]
 
 
+def test_generation_config_eos_ends_both_backends_alike(standin, model_dir, local, tmp_path):
+    """SGLang stops on the EOS ids of generation_config.json too; so do HFPolicy and the client."""
+    import json
+    import shutil
+
+    ids = tuple(local.encode_prompt(SEARCH_PROMPT))
+    req = GenRequest(ids, max_new_tokens=30, temperature=0.0, stop=STOPS)
+    plain = local.generate([req])[0].token_ids
+    extra = plain[2]
+    shutil.copytree(model_dir, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "generation_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["eos_token_id"] = [cfg["eos_token_id"], extra]
+    cfg_path.write_text(json.dumps(cfg))
+    ref = HFPolicy(tmp_path / "m").generate([req])[0]
+    assert ref.finish_reason == "eos" and ref.token_ids == plain[:plain.index(extra) + 1]
+    srv = standin(deterministic=True, model=tmp_path / "m")
+    for tok in (tmp_path / "m", local.tokenizer):  # eos ids from the directory, or the server's
+        assert_same(client_for(srv, tok).generate([req]), [ref])
+
+
 # -- auth, weight sync, refusals -----------------------------------------------------------------
 
 def test_api_key_is_sent_and_a_refusal_is_clear(standin, model_dir):

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from treegym.agents.base import GenRequest, GenResult
+from treegym.agents.base import GenRequest, GenResult, ends_generation, eos_token_ids, stop_window
 from treegym.agents.sampling import make_generator, sample_next
 from treegym.agents.tokenizer import HFTokenizer, TokenizerBacked
 
@@ -158,9 +158,8 @@ class HFPolicy(TokenizerBacked):
         self.max_batch_size = int(max_batch_size)
         cfg = self.model.config
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
-        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else getattr(
-            cfg, "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.eos_ids = set(eos_token_ids(self.tokenizer, cfg,
+                                         getattr(self.model, "generation_config", None)))
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.stats = {"calls": 0, "prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
@@ -272,7 +271,7 @@ class HFPolicy(TokenizerBacked):
         temps = [r.temperature for r in reqs]
         tops = [r.top_p for r in reqs]
         want_ent = [r.want_entropies for r in reqs]
-        windows = [max((len(s.encode("utf-8")) for s in r.stop), default=0) + 1 for r in reqs]
+        windows = [stop_window(r.stop) for r in reqs]
         tokens: list[list[int]] = [[] for _ in reqs]
         logps: list[list[float]] = [[] for _ in reqs]
         ents: list[list[float]] = [[] for _ in reqs]
@@ -292,10 +291,9 @@ class HFPolicy(TokenizerBacked):
                 logps[i].append(lp_l[row])
                 if want_ent[i] and ent_l is not None:
                     ents[i].append(ent_l[row])
-                if t in self.eos_ids:
-                    finish[i] = "eos"
-                elif reqs[i].stop and self._hit_stop(tokens[i], reqs[i].stop, windows[i]):
-                    finish[i] = "stop"
+                why = ends_generation(tokens[i], reqs[i].stop, self.decode, self.eos_ids, windows[i])
+                if why is not None:
+                    finish[i] = why
                 elif len(tokens[i]) >= reqs[i].max_new_tokens:
                     finish[i] = "length"
                 else:
@@ -328,11 +326,6 @@ class HFPolicy(TokenizerBacked):
                 meta={"prompt_tokens": len(prompts[i]), "cached_tokens": cached[i],
                       "batch_seconds": elapsed}))
         return results
-
-    def _hit_stop(self, toks: list[int], stops: Sequence[str], window: int) -> bool:
-        # Every token is at least one byte, so the last `window` tokens cover any stop string.
-        tail = self.tokenizer.decode(toks[-window:])
-        return any(s in tail for s in stops)
 
     def __repr__(self) -> str:
         return (f"HFPolicy({self.model_dir or type(self.model).__name__!r}, device={str(self.device)!r}, "

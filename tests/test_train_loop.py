@@ -282,7 +282,7 @@ def test_rollouts_on_an_sglang_server_synced_every_step_match_local_rollouts(sft
     local = Trainer(_cfg(sft_model, tmp_path / "local", algo="grpo", steps=3, tensorboard=False),
                     dataset=small_world, log=lambda *_: None)
     local_records = local.train()
-    with StandinServer(HFPolicy(sft_model)) as srv:
+    with StandinServer(HFPolicy(sft_model), deterministic=True) as srv:  # seeds honoured
         remote = Trainer(_cfg(sft_model, tmp_path / "remote", algo="grpo", steps=3, tensorboard=False,
                               rollout_server=srv.url), dataset=small_world, log=lambda *_: None)
         assert remote.rollout_policy is not remote.policy

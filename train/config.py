@@ -63,6 +63,40 @@ class LossConfig:
 
 
 @dataclass
+class SGLangConfig:
+    """How the trainer talks to `TrainConfig.rollout_server` (`treegym.agents.sglang.SGLangPolicy`
+    keywords; see that module for what each guards against on real servers)."""
+
+    api_key: str = ""             # the server's --api-key; "env:NAME" reads $NAME (keeps it out of config.yaml)
+    admin_api_key: str = ""       # the server's --admin-api-key (weight updates), same "env:" form
+    timeout: float = 300.0        # seconds per request
+    connect_timeout: float = 10.0
+    retries: int = 3              # for connection errors, timeouts, HTTP 5xx, malformed JSON
+    backoff: float = 0.5          # seconds before the first retry, doubling
+    seeds: Literal["auto", "require", "off"] = "auto"  # require: refuse a server that ignores seeds
+    version_check: Literal["error", "warn", "off"] = "error"  # for servers below the minimum version
+    check_weight_version: bool = True  # every response must come from the last pushed weights
+    max_batch_size: int = 256     # inputs per /generate request
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """The `SGLangPolicy` keyword arguments, with "env:NAME" keys read from the environment."""
+        import os
+
+        def key(value: str, name: str) -> str | None:
+            if not value.startswith("env:"):
+                return value or None
+            var = value[4:]
+            if var not in os.environ:
+                raise ConfigError(f"sglang.{name}: environment variable {var!r} is not set")
+            return os.environ[var]
+
+        kw = dataclasses.asdict(self)
+        kw["api_key"] = key(self.api_key, "api_key")
+        kw["admin_api_key"] = key(self.admin_api_key, "admin_api_key")
+        return kw
+
+
+@dataclass
 class TrainConfig:
     """RL training run (`treegym train`)."""
 
@@ -100,6 +134,7 @@ class TrainConfig:
     # of the trainer's own model; before each step's rollout it gets the trainer's current weights
     # through /update_weights_from_disk (written to OUT/rollout_weights). "" = generate locally.
     rollout_server: str = ""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)  # client options for rollout_server
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -221,6 +256,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("optim.lr", cfg.optim.lr > 0), ("optim.grad_clip", cfg.optim.grad_clip > 0),
         ("optim.warmup_steps", cfg.optim.warmup_steps >= 0),
         ("loss.clip", cfg.loss.clip > 0), ("loss.dual_clip", cfg.loss.dual_clip > 1),
+        ("sglang.timeout", cfg.sglang.timeout > 0),
+        ("sglang.connect_timeout", cfg.sglang.connect_timeout > 0),
+        ("sglang.retries", cfg.sglang.retries >= 0), ("sglang.backoff", cfg.sglang.backoff >= 0),
+        ("sglang.max_batch_size", cfg.sglang.max_batch_size > 0),
     ]
     for name, ok in checks:
         if not ok:

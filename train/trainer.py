@@ -155,7 +155,9 @@ class Trainer:
         if self.cfg.rollout_server:
             from treegym.agents.sglang import SGLangPolicy
 
-            self.rollout_policy = SGLangPolicy(self.cfg.rollout_server, tokenizer=self.policy.tokenizer)
+            self.rollout_policy = SGLangPolicy(self.cfg.rollout_server, tokenizer=self.policy.tokenizer,
+                                               eos_token_ids=self.policy.eos_ids,
+                                               **self.cfg.sglang.client_kwargs())
         if self.dist.distributed:
             self._shard()
         data = dataset if dataset is not None else self.cfg.data

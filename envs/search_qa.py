@@ -42,6 +42,8 @@ class TreeSearchQAEnv(ToolEnv):
         reward: "em" (SQuAD exact match, any gold), "f1" (token F1) or "format_em" (Search-R1's
             format-shaped EM, see `rewards.format_em`).
         max_obs_chars: bound on the passages' text in one observation (cut inside the tags).
+        check_corpus: refuse (`CorpusMismatchError`) an index directory or treegym server built over
+            another corpus than the dataset's; False uses it anyway.
     """
 
     STOP_STRINGS = STOP_STRINGS
@@ -49,7 +51,8 @@ class TreeSearchQAEnv(ToolEnv):
 
     def __init__(self, data: Any = "synthetic", split: str = "train", retriever: Any = "bm25",
                  topk: int = 3, max_tool_calls: int = 3, reward: str = "em",
-                 max_obs_chars: int = DEFAULT_MAX_OBS_CHARS, render_mode: str | None = None):
+                 max_obs_chars: int = DEFAULT_MAX_OBS_CHARS, render_mode: str | None = None,
+                 check_corpus: bool = True):
         self._init_options(topk=topk, max_tool_calls=max_tool_calls, max_obs_chars=max_obs_chars,
                            reward=reward, render_mode=render_mode)
         self.dataset = resources.get_dataset(data)
@@ -59,7 +62,7 @@ class TreeSearchQAEnv(ToolEnv):
         self.split = split
         self.tasks = view.tasks
         self._index = view.index
-        self.retriever = resources.get_retriever(retriever, self.dataset)
+        self.retriever = resources.get_retriever(retriever, self.dataset, check_corpus=check_corpus)
 
         self._init_spaces(view.longest_question)
 

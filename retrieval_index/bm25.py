@@ -86,7 +86,8 @@ def _decoded_lengths(lengths: np.ndarray) -> np.ndarray:
 
 
 def _index_text(title: str, text: str) -> str:
-    # pyserini indexes wiki-18 `contents` = '"Title"\ntext': the title's words count as passage words.
+    # pyserini indexes wiki-18 `contents` = '"Title"\ntext' (the title line as is; the analyzer drops
+    # the quotes): the title's words count as passage words.
     return f"{title}\n{text}" if title else text
 
 

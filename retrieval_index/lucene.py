@@ -3,7 +3,8 @@
 Two ways in:
 
 * ``build_index(corpus, kind="lucene", out_dir=...)`` normalises our jsonl corpus to pyserini's
-  ``JsonCollection`` layout (``{"id", "contents"}``; ``contents = '"Title"\\ntext'``), runs
+  ``JsonCollection`` layout (``{"id", "contents"}``; ``contents`` = title line + text, so a wiki-18
+  row is indexed and stored byte for byte), runs
   Anserini's ``IndexCollection`` in-process (raw documents stored, so hits carry their text) into
   ``out_dir/lucene/`` and writes the manifest last.
 * ``open_lucene_index(path)`` opens a Lucene index a user already has (e.g. a pyserini prebuilt
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from treegym.retrieval_index.base import Hit, check_search_args
-from treegym.retrieval_index.corpus import corpus_sha256, iter_corpus, parse_contents
+from treegym.retrieval_index.corpus import corpus_sha256, iter_corpus, parse_contents, to_contents
 from treegym.retrieval_index.manifest import InvalidIndexError, Manifest, begin_build, write_manifest
 
 __all__ = ["LuceneRetriever", "build_lucene_index", "load_lucene_index", "open_lucene_index"]
@@ -52,7 +53,7 @@ def build_lucene_index(corpus_path: str | os.PathLike[str], out_dir: str | os.Pa
         # Normalise (both corpus layouts, int ids, duplicates dropped) into JsonCollection's format.
         with (staging / "corpus.jsonl").open("w", encoding="utf-8") as fh:
             for doc_id, title, text in iter_corpus(corpus_path):
-                fh.write(json.dumps({"id": doc_id, "contents": f'"{title}"\n{text}'}, ensure_ascii=False) + "\n")
+                fh.write(json.dumps({"id": doc_id, "contents": to_contents(title, text)}, ensure_ascii=False) + "\n")
                 count += 1
         if count == 0:
             raise ValueError(f"{corpus_path}: corpus has no passages")

@@ -28,7 +28,7 @@ def test_build_search_eval_bm25(world_dir, tmp_path, capsys):
     assert f"query: {name}" in out and "  1. [0]" in out
     assert treegym(["index", "search", str(idx), name, "-k", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["result"]
-    assert res[0][0]["document"]["id"] == "0" and res[0][0]["document"]["contents"].startswith(f'"{name}"\n')
+    assert res[0][0]["document"]["id"] == "0" and res[0][0]["document"]["contents"].startswith(f"{name}\n")
     assert treegym(["index", "eval", str(idx), "--data", str(world_dir), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["tasks"] > 0 and 0.3 < m["recall@10"] <= 1 and m["recall@1"] <= m["recall@3"] <= m["recall@10"]

@@ -134,7 +134,11 @@ def _build(args: argparse.Namespace) -> int:
         print(f"treegym index build: {flags} only apply to --kind hybrid", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    retriever = build_index(args.corpus, args.kind, args.out, **opts)
+    try:
+        retriever = build_index(args.corpus, args.kind, args.out, **opts)
+    except RuntimeError as exc:  # e.g. another build of the same --out is running
+        print(f"treegym index build: {exc}", file=sys.stderr)
+        return 2
     dt = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     n = len(retriever) if hasattr(retriever, "__len__") else None

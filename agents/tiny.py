@@ -52,9 +52,14 @@ def iter_corpus_texts(corpus_path: str | os.PathLike) -> Iterator[tuple[str, str
 
 
 def corpus_titles(corpus_path: str | os.PathLike) -> list[str]:
-    """Distinct non-empty titles in corpus order (the synthetic world titles docs by entity name)."""
+    """Distinct non-empty titles in corpus order (the synthetic world titles docs by entity name).
+
+    Names, not title lines: wiki-18's title lines carry quotes (kept in observations, Search-R1's
+    rule), which are not part of the name."""
     seen: dict[str, None] = {}
     for title, _ in iter_corpus_texts(corpus_path):
+        if len(title) >= 2 and title[0] == title[-1] == '"':
+            title = title[1:-1]
         if title:
             seen.setdefault(title, None)
     return list(seen)

@@ -194,12 +194,12 @@ def sanitize_text(text: str) -> str:
 
 
 def format_docs(hits: Sequence[Hit]) -> str:
-    """Search-R1's `_passages2string`: one `Doc {i}(Title: {title}) {text}` line per hit, i from 1.
-
-    Search-R1 strips the joined string before wrapping it in <information> tags, so there is no
-    trailing newline after the last doc; neither is there here.
+    """Search-R1's `_passages2string` then `.strip()`: `Doc {i}(Title: {title}) {text}\\n` per hit,
+    i from 1, concatenated and stripped (so no newline after the last doc), as Search-R1 puts it
+    inside the <information> tags. `title` is the corpus row's title line as is (wiki-18 keeps its
+    quotes; see `treegym.retrieval_index.corpus.parse_contents`), so the text is byte-identical.
     """
-    return "\n".join(f"Doc {i}(Title: {h.title}) {h.text}" for i, h in enumerate(hits, 1)).rstrip()
+    return "".join(f"Doc {i}(Title: {h.title}) {h.text}\n" for i, h in enumerate(hits, 1)).strip()
 
 
 def information(docs: str, max_chars: int | None = None) -> str:

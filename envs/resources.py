@@ -105,11 +105,15 @@ def _cached(retriever: Retriever, cache_size: int) -> Retriever:
     return CachedRetriever(retriever, maxsize=cache_size)
 
 
-def get_retriever(spec: Any, dataset: Any = None, *, cache_size: int = DEFAULT_CACHE_SIZE) -> Retriever:
+def get_retriever(spec: Any, dataset: Any = None, *, cache_size: int = DEFAULT_CACHE_SIZE,
+                  check_corpus: bool = True) -> Retriever:
     """The shared, query-cached retriever for `spec` (forms: `RETRIEVER_FORMS`).
 
     Raises ValueError naming the accepted forms for anything else, and when an index kind is
-    asked for but the dataset has no corpus to build it from.
+    asked for but the dataset has no corpus to build it from. Fails here, not at the first search:
+    a URL gets one reachability check (`RemoteRetrieverError` naming it); an index directory, or a
+    treegym server that reports its corpus hash, built over another corpus than the dataset's
+    raises `CorpusMismatchError` naming both (`check_corpus=False` skips that comparison).
     """
     if not isinstance(spec, (str, os.PathLike)):
         if callable(getattr(spec, "search", None)):
@@ -140,7 +144,32 @@ def get_retriever(spec: Any, dataset: Any = None, *, cache_size: int = DEFAULT_C
     with _lock:
         if key not in _retrievers:
             _retrievers[key] = _cached(_open(key), cache_size)
-        return _retrievers[key]
+        retriever = _retrievers[key]
+    corpus = getattr(dataset, "corpus_path", None)
+    if check_corpus and corpus is not None and key[0] in ("dir", "url"):
+        _check_corpus(key, retriever, corpus)
+    return retriever
+
+
+_OPT_OUT = "pass check_corpus=False (e.g. gym.make(..., check_corpus=False)) to use it anyway"
+
+
+def _check_corpus(key: tuple[str, str], retriever: Retriever, corpus: Any) -> None:
+    """Compare the index's corpus hash with the dataset's (each env: the memo is per index, not
+    per dataset). The dataset's hash is memoised on disk by (path, size, mtime)."""
+    from treegym.retrieval_index import CorpusMismatchError, cached_corpus_sha256, check_index_corpus
+
+    kind, where = key
+    if kind == "dir":
+        check_index_corpus(where, corpus, hint=_OPT_OUT)
+        return
+    served = getattr(getattr(retriever, "retriever", None), "served", {}) or {}
+    theirs = served.get("corpus_sha256")
+    if isinstance(theirs, str) and theirs != cached_corpus_sha256(corpus):
+        raise CorpusMismatchError(
+            f"the retriever at {where} serves {served.get('index', 'an index')} built over "
+            f"{served.get('corpus_path') or 'another corpus'} (sha256 {theirs[:16]}…), not over this dataset's "
+            f"corpus {corpus} (sha256 {cached_corpus_sha256(corpus)[:16]}…); {_OPT_OUT}")
 
 
 def _open(key: tuple[str, str]) -> Retriever:
@@ -148,7 +177,9 @@ def _open(key: tuple[str, str]) -> Retriever:
     if kind == "url":
         from treegym.retrieval_index.remote import RemoteRetriever
 
-        return RemoteRetriever(where)
+        remote = RemoteRetriever(where)
+        remote.check_reachable()  # fail at gym.make, with the URL, if nothing answers
+        return remote
     if kind == "dir":
         from treegym.retrieval_index import load_index
 

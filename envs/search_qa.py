@@ -80,6 +80,8 @@ class TreeSearchQAEnv(ToolEnv):
     - `topk`: passages per search (3, Search-R1's). `max_tool_calls`: turns that may search
       before the answer is forced (3, Search-R1's `max_turns`). `reward`: `"em"`, `"f1"` or
       `"format_em"`. `max_obs_chars`: bound on one observation's docs (4096).
+    - `check_corpus`: refuse (`CorpusMismatchError`) an index directory or treegym server built
+      over another corpus than the dataset's (default True); False uses it anyway.
 
     Forking: all episode state is one immutable `EnvState`, so `treegym.fork/snapshot/restore`
     are O(1); `restore` refuses a snapshot of another env or dataset (`SnapshotMismatchError`);
@@ -87,8 +89,9 @@ class TreeSearchQAEnv(ToolEnv):
     (`ClosedEnvironmentError`).
 
     ## Version History
-    - v0: initial version. Later additions that leave v0 episodes unchanged: `close()` and the
-      restore check.
+    - v0: initial version. Later additions that leave v0 episodes unchanged: `close()`, the
+      restore check, the corpus check, and titles shown as the corpus writes them (Search-R1's
+      rule; wiki-18 keeps its quotes, the synthetic world's titles never had any in observations).
     """
 
     STOP_STRINGS = STOP_STRINGS
@@ -96,7 +99,8 @@ class TreeSearchQAEnv(ToolEnv):
 
     def __init__(self, data: Any = "synthetic", split: str = "train", retriever: Any = "bm25",
                  topk: int = 3, max_tool_calls: int = 3, reward: str = "em",
-                 max_obs_chars: int = DEFAULT_MAX_OBS_CHARS, render_mode: str | None = None):
+                 max_obs_chars: int = DEFAULT_MAX_OBS_CHARS, render_mode: str | None = None,
+                 check_corpus: bool = True):
         self._init_options(topk=topk, max_tool_calls=max_tool_calls, max_obs_chars=max_obs_chars,
                            reward=reward, render_mode=render_mode)
         self.dataset = resources.get_dataset(data)
@@ -106,7 +110,7 @@ class TreeSearchQAEnv(ToolEnv):
         self.split = split
         self.tasks = view.tasks
         self._index = view.index
-        self.retriever = resources.get_retriever(retriever, self.dataset)
+        self.retriever = resources.get_retriever(retriever, self.dataset, check_corpus=check_corpus)
 
         self._init_spaces(view.longest_question)
 

@@ -18,7 +18,6 @@ import hashlib
 import importlib
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,7 +31,7 @@ from treegym.retrieval_index.manifest import (FORMAT_VERSION, MANIFEST_FILE, Inv
 __all__ = [
     "Retriever", "Hit", "build_index", "load_index", "default_index", "CachedRetriever", "iter_corpus",
     "parse_contents", "corpus_sha256", "read_manifest", "Manifest", "InvalidIndexError", "CorpusFormatError",
-    "KINDS",
+    "CorpusMismatchError", "check_index_corpus", "cached_corpus_sha256", "KINDS",
 ]
 
 # kind -> module implementing build_<kind>_index / load_<kind>_index
@@ -57,17 +56,104 @@ def _backend(kind: str, verb: str) -> Callable[..., Any]:
     return getattr(module, f"{verb}_{kind}_index")
 
 
+# Options of a build that also configure the loaded retriever (build option -> load option).
+_RELOAD_OPTS = {
+    "bm25": {"threads": "threads"},
+    "lucene": {"search_threads": "threads"},
+    "dense": {"backend": "backend", "device": "device", "encoder": "encoder"},
+    "hybrid": {"backend": "backend", "device": "device", "encoder": "encoder"},
+}
+# Kinds whose staging directory is worth keeping after a failure: re-running resumes the encoding.
+_RESUMABLE = ("dense", "hybrid")
+
+
 def build_index(corpus_path: str | os.PathLike[str], kind: str = "bm25", out_dir: str | os.PathLike[str] | None = None,
                 **opts: Any) -> Retriever:
     """Build an index of ``kind`` from a jsonl corpus into ``out_dir`` and return it loaded.
 
-    The manifest is written last, so an interrupted build leaves a directory `load_index` refuses.
+    Atomic: the index is built in the hidden sibling ``.<name>.building`` and renamed onto
+    ``out_dir`` only when complete, so a failed or interrupted build (Ctrl-C included) never leaves
+    a half-written index at ``out_dir``, and an index already there stays usable until the new one
+    replaces it. A failed bm25/lucene build removes its staging directory; a dense/hybrid one keeps
+    it, because building again resumes the encoding from it (hours on wiki-18). ``out_dir`` may be
+    missing, empty or an index; any other existing directory is refused, never overwritten.
     """
     if out_dir is None:
         raise TypeError("build_index() needs out_dir (the index directory to write)")
     if not Path(corpus_path).is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus_path}")
-    return _backend(kind, "build")(corpus_path, out_dir, **opts)
+    build = _backend(kind, "build")
+    out = Path(out_dir)
+    _check_replaceable(out)
+    staging = out.parent / f".{out.name}.building"
+    with _staging_lock(staging, out):
+        if kind not in _RESUMABLE:
+            _empty_dir(staging)
+        try:
+            retriever = build(corpus_path, staging, **opts)
+        except BaseException:
+            if kind not in _RESUMABLE:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _check_replaceable(out)
+        _swap_in(staging, out)
+    del retriever  # it points into the staging path: reopen at the final one
+    reload = {dst: opts[src] for src, dst in _RELOAD_OPTS.get(kind, {}).items() if src in opts}
+    return load_index(out, expect_kind=kind, **reload)
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another index directory")
+    if out.is_dir() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists, is not empty and is not a treegym index (no {MANIFEST_FILE}); "
+                              "refusing to replace it: delete it or choose another index directory")
+
+
+@contextlib.contextmanager
+def _staging_lock(staging: Path, out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the staging directory itself (no lock file left behind); a second
+    build of the same ``out`` fails at once instead of writing into the first one's files."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: no lock
+        yield
+        return
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another build of {out} is running (it writes {staging})") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock (it follows the directory, renamed or not)
+
+
+def _empty_dir(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename ``staging`` onto ``out``; an old ``out`` is moved aside first and deleted after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_index(out_dir: str | os.PathLike[str], *, expect_corpus_sha256: str | None = None,
@@ -75,6 +161,30 @@ def load_index(out_dir: str | os.PathLike[str], *, expect_corpus_sha256: str | N
     """Open an index directory; refuse one without a valid manifest or built for another kind/corpus."""
     manifest = read_manifest(out_dir, expect_kind=expect_kind, expect_corpus_sha256=expect_corpus_sha256)
     return _backend(manifest.kind, "load")(out_dir, manifest, **opts)
+
+
+class CorpusMismatchError(InvalidIndexError):
+    """An index used with a corpus other than the one it was built over."""
+
+
+def check_index_corpus(index_dir: str | os.PathLike[str], corpus_path: str | os.PathLike[str], *,
+                       hint: str = "") -> Manifest:
+    """Refuse an index built over another corpus than ``corpus_path``; return its manifest.
+
+    Why: an index's doc ids and passages come from its own corpus, so used with another dataset it
+    answers with wrong or no passages and nothing fails. The error names both corpora and hashes;
+    ``hint`` says how the caller opts out.
+    """
+    manifest = read_manifest(index_dir)
+    sha = cached_corpus_sha256(corpus_path)
+    if manifest.corpus_sha256 != sha:
+        built = manifest.corpus_path or "an unrecorded corpus"
+        raise CorpusMismatchError(
+            f"the index {index_dir} was built over {built} (sha256 {manifest.corpus_sha256[:16]}…), not over this "
+            f"dataset's corpus {corpus_path} (sha256 {sha[:16]}…): its passages belong to another corpus. Rebuild it "
+            f"with `treegym index build --corpus {corpus_path} --kind {manifest.kind} --out DIR`"
+            + (f", or {hint}" if hint else ""))
+    return manifest
 
 
 def _home() -> Path:
@@ -99,8 +209,10 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _cached_sha256(corpus_path: Path, cache_dir: Path) -> str:
+def cached_corpus_sha256(corpus_path: str | os.PathLike[str], cache_dir: Path | None = None) -> str:
     """Corpus hash, remembered by (path, size, mtime): re-hashing wiki-18 (14 GB) per env is wasteful."""
+    corpus_path = Path(corpus_path)
+    cache_dir = _home() / "indexes" if cache_dir is None else cache_dir
     st = corpus_path.stat()
     key = hashlib.sha256(f"{corpus_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
     memo = cache_dir / ".sha256" / key
@@ -121,14 +233,13 @@ def default_index(corpus_path: str | os.PathLike[str], kind: str = "bm25", **opt
     """Load the cached index of ``corpus_path``, building it first if needed.
 
     Lives in ``$TREEGYM_HOME/indexes/<sha256[:16]>-<kind>/``. Race-safe: one process builds under a
-    file lock into a temporary sibling directory, renamed into place only when complete; the others
-    wait and load the result.
+    file lock (staged and renamed into place by `build_index`); the others wait and load the result.
     """
     corpus_path = Path(corpus_path)
     if not corpus_path.is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus_path}")
     root = _home() / "indexes"
-    sha = _cached_sha256(corpus_path, root)
+    sha = cached_corpus_sha256(corpus_path, root)
     # The format version is in the name so an index cached by an older treegym is never picked up;
     # a cached index that still fails to load (a crash, a hand edit) is rebuilt, not fatal: this
     # directory is our cache, never a user's data.
@@ -150,13 +261,7 @@ def default_index(corpus_path: str | os.PathLike[str], kind: str = "bm25", **opt
         retriever = _load_cached()  # someone else may have finished while we waited
         if retriever is not None:
             return retriever
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=root))
-        try:
-            build_index(corpus_path, kind, tmp, **opts)
-            if final.exists():  # a leftover from a crashed or invalid build: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        if final.exists():  # a leftover from an older treegym's crash or an invalid build: our cache
+            shutil.rmtree(final)
+        build_index(corpus_path, kind, final, **opts)  # staged and renamed into place
     return load_index(final, expect_corpus_sha256=sha, expect_kind=kind)

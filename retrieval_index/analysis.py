@@ -5,6 +5,11 @@ StopFilter (Lucene's 33 English stop words) → PorterStemFilter. We approximate
 a Unicode word regex that keeps inner apostrophes, then apply the same possessive, stop-word and
 Porter steps (PyStemmer's ``porter`` is the original Porter algorithm, as in Lucene), so the
 embedded BM25 ranks like the field's reference BM25 without a JVM.
+
+Accents: Lucene's English analyzer does not fold them, so `Torun` does not match `Toruń`. That
+default is kept (rankings stay Lucene's); ``Analyzer(ascii_fold=True)`` folds with Lucene's own
+``ASCIIFoldingFilter`` table (``ń`` → ``n``, ``ß`` → ``ss``, ``Ł`` → ``L``; other scripts untouched),
+recorded in the index manifest as ``ascii_fold``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Iterable, Sequence
 
 import Stemmer
 
-__all__ = ["Analyzer", "LUCENE_ENGLISH_STOPWORDS"]
+__all__ = ["Analyzer", "LUCENE_ENGLISH_STOPWORDS", "ascii_fold"]
 
 # org.apache.lucene.analysis.en.EnglishAnalyzer.ENGLISH_STOP_WORDS_SET
 LUCENE_ENGLISH_STOPWORDS = frozenset(
@@ -31,29 +36,46 @@ _TOKEN_RE = re.compile(
 )
 
 
+def ascii_fold(text: str) -> str:
+    """Fold accents and other non-ASCII forms exactly as Lucene's ``ASCIIFoldingFilter`` does
+    (``ń`` → ``n``, ``ß`` → ``ss``, ``ﬁ`` → ``fi``, ``“`` → ``"``); characters it leaves alone
+    (other scripts) stay. The table is Lucene's own, generated from its jar (`_ascii_folding`)."""
+    if text.isascii():
+        return text
+    from treegym.retrieval_index._ascii_folding import FOLD
+
+    return text.translate(FOLD)
+
+
 class Analyzer:
     """Callable text → list of index terms. Picklable, stateless apart from the stemmer's cache."""
 
-    def __init__(self, *, stemmer: str | None = "porter", stopwords: Iterable[str] = LUCENE_ENGLISH_STOPWORDS):
+    def __init__(self, *, stemmer: str | None = "porter", stopwords: Iterable[str] = LUCENE_ENGLISH_STOPWORDS,
+                 ascii_fold: bool = False):
         self.stemmer_name = stemmer
         self.stopwords = frozenset(stopwords)
+        self.ascii_fold = bool(ascii_fold)
         self._stemmer = Stemmer.Stemmer(stemmer, 100_000) if stemmer else None
 
     def __getstate__(self) -> dict:
-        return {"stemmer_name": self.stemmer_name, "stopwords": self.stopwords}
+        return {"stemmer_name": self.stemmer_name, "stopwords": self.stopwords, "ascii_fold": self.ascii_fold}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(stemmer=state["stemmer_name"], stopwords=state["stopwords"])
+        self.__init__(stemmer=state["stemmer_name"], stopwords=state["stopwords"],
+                      ascii_fold=state.get("ascii_fold", False))
 
     def params(self) -> dict:
         return {"stemmer": self.stemmer_name, "stopwords": "lucene-english" if self.stopwords ==
-                LUCENE_ENGLISH_STOPWORDS else sorted(self.stopwords)}
+                LUCENE_ENGLISH_STOPWORDS else sorted(self.stopwords), "ascii_fold": self.ascii_fold}
 
     def words(self, text: str) -> list[str]:
         """Lower-cased, possessive-stripped, stop-word-filtered words (before stemming)."""
         stop = self.stopwords
         out = []
-        for tok in _TOKEN_RE.findall(text.lower()):
+        text = text.lower()
+        if self.ascii_fold:
+            text = ascii_fold(text)
+        for tok in _TOKEN_RE.findall(text):
             if tok.endswith(("'s", "\u2019s")):
                 tok = tok[:-2]
             if tok and tok not in stop:

@@ -8,8 +8,9 @@ from typing import Protocol, Sequence, runtime_checkable
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved passage. `title` and `text` are already split (wiki-18 `contents` is
-    '"Title"\\ntext'), so envs can format `Doc i(Title: T) text` without re-parsing."""
+    """One retrieved passage. `title` and `text` are already split by Search-R1's rule (the first
+    line of wiki-18's `contents` as is, quotes included; see `corpus.parse_contents`), so envs can
+    format `Doc i(Title: T) text` without re-parsing."""
 
     doc_id: str
     score: float

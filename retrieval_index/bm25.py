@@ -86,7 +86,8 @@ def _decoded_lengths(lengths: np.ndarray) -> np.ndarray:
 
 
 def _index_text(title: str, text: str) -> str:
-    # pyserini indexes wiki-18 `contents` = '"Title"\ntext': the title's words count as passage words.
+    # pyserini indexes wiki-18 `contents` = '"Title"\ntext' (the title line as is; the analyzer drops
+    # the quotes): the title's words count as passage words.
     return f"{title}\n{text}" if title else text
 
 
@@ -102,15 +103,19 @@ def _batched(rows: Iterable[tuple[str, str, str]], size: int) -> Iterable[list[t
 
 
 def build_bm25_index(corpus_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                     k1: float = 0.9, b: float = 0.4, stemmer: str | None = "porter",
+                     k1: float = 0.9, b: float = 0.4, stemmer: str | None = "porter", ascii_fold: bool = False,
                      batch_size: int = 8192, progress: bool = False, threads: int = 1) -> "BM25Retriever":
-    """Build a bm25 index of ``corpus_path`` in ``out_dir`` (manifest written last) and load it."""
+    """Build a bm25 index of ``corpus_path`` in ``out_dir`` (manifest written last) and load it.
+
+    ``ascii_fold=True`` folds accents in passages and queries (`Torun` finds `Toruń`); off by
+    default, as in Lucene's English analyzer. Recorded in the manifest and applied on load.
+    """
     if k1 < 0 or not 0 <= b <= 1:
         raise ValueError(f"BM25 parameters out of range: k1={k1} (>= 0), b={b} (0..1)")
     out_dir = Path(out_dir)
     begin_build(out_dir)
     sha = corpus_sha256(corpus_path)
-    analyzer = Analyzer(stemmer=stemmer)
+    analyzer = Analyzer(stemmer=stemmer, ascii_fold=ascii_fold)
     vocab: dict[str, int] = {}
     # Postings are spilled to disk per batch of passages and scattered into memory-mapped CSR
     # arrays at the end, so peak RAM stays ~one batch plus per-doc/per-term vectors (wiki-18:
@@ -235,7 +240,7 @@ class BM25Retriever:
         self.manifest = manifest
         self.threads = max(1, int(threads))
         params = manifest.params
-        self.analyzer = Analyzer(stemmer=params.get("stemmer", "porter"))
+        self.analyzer = Analyzer(stemmer=params.get("stemmer", "porter"), ascii_fold=params.get("ascii_fold", False))
         try:
             terms = json.loads((self.index_dir / _TERMS_FILE).read_text(encoding="utf-8"))
             arrays = [np.load(self.index_dir / f"bm25_{name}.npy", mmap_mode="r")

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--kind", default="bm25", choices=["bm25", "lucene", "dense", "hybrid"])
     b.add_argument("--out", required=True, type=Path, help="index directory to write")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--ascii-fold", action="store_true",
+                   help="bm25/lucene: fold accents in passages and queries (Torun finds Toruń); default off, as in "
+                        "Lucene's English analyzer")
     _threads_flag(b)
     d = b.add_argument_group("dense / hybrid options")
     d.add_argument("--faiss", choices=["flat", "hnsw", "ivfpq"], default=None, help="FAISS index type (default flat)")
@@ -120,13 +123,22 @@ def _build(args: argparse.Namespace) -> int:
         return 2
     elif args.kind == "bm25":
         opts["progress"] = not args.quiet
+    if args.ascii_fold:
+        if args.kind not in ("bm25", "lucene"):
+            print("treegym index build: --ascii-fold applies to --kind bm25 or lucene", file=sys.stderr)
+            return 2
+        opts["ascii_fold"] = True
     hybrid_given = [f for f in ("sparse", "rrf_k", "sparse_weight") if getattr(args, f) is not None]
     if hybrid_given and args.kind != "hybrid":
         flags = ", ".join("--" + f.replace("_", "-") for f in hybrid_given)
         print(f"treegym index build: {flags} only apply to --kind hybrid", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    retriever = build_index(args.corpus, args.kind, args.out, **opts)
+    try:
+        retriever = build_index(args.corpus, args.kind, args.out, **opts)
+    except RuntimeError as exc:  # e.g. another build of the same --out is running
+        print(f"treegym index build: {exc}", file=sys.stderr)
+        return 2
     dt = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     n = len(retriever) if hasattr(retriever, "__len__") else None

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["iter_corpus", "parse_contents", "corpus_sha256", "CorpusFormatError"]
+__all__ = ["iter_corpus", "parse_contents", "to_contents", "corpus_sha256", "CorpusFormatError"]
 
 
 class CorpusFormatError(ValueError):
@@ -25,13 +25,27 @@ class CorpusFormatError(ValueError):
 
 
 def parse_contents(contents: str) -> tuple[str, str]:
-    """Split wiki-18 ``contents`` into (title, text) exactly as Search-R1 does.
+    """Split a corpus row's ``contents`` into (title, text) exactly as Search-R1 does.
 
-    Search-R1's retriever formats ``Doc i(Title: {first line without quotes}) {rest}``; we keep
-    the same split so observations are byte-identical to the reference implementation.
+    Search-R1 (``search_r1/llm_agent/generation.py``, ``_passages2string``) takes
+    ``title = contents.split("\\n")[0]`` *as is* and ``text = "\\n".join(contents.split("\\n")[1:])``.
+    In wiki-18 the first line carries its quotes (``"Eiffel Tower"``), so a Search-R1 checkpoint
+    has only ever seen ``Doc 1(Title: "Eiffel Tower") ...``; we keep them, so observations are
+    byte-identical. A ``contents`` without a newline is all title, as in Search-R1.
     """
     first, sep, rest = contents.partition("\n")
-    return first.strip('"'), rest if sep else ""
+    return first, rest if sep else ""
+
+
+def to_contents(title: str, text: str) -> str:
+    """The inverse of `parse_contents`: the ``contents`` string Search-R1's client splits back.
+
+    For a wiki-18 row it rebuilds the original ``contents`` byte for byte (a row without a newline
+    gains one, which Search-R1 splits back to the same title and empty text); for a
+    ``{"id","title","text"}`` row it is ``title + "\\n" + text``, so a Search-R1 client shows the
+    same ``Title: {title}`` the local env shows.
+    """
+    return f"{title}\n{text}"
 
 
 def _doc_id(value: object) -> str | None:
@@ -45,6 +59,10 @@ def _doc_id(value: object) -> str | None:
 
 def iter_corpus(path: str | os.PathLike[str], *, dedupe: bool = True) -> Iterator[tuple[str, str, str]]:
     """Yield ``(doc_id, title, text)`` for every row of a jsonl corpus, streaming.
+
+    The title rule (what observations show as ``Doc i(Title: {title}) {text}``): a ``contents``
+    row gives its first line *as is* (Search-R1's rule: wiki-18's quotes stay); a
+    ``{"id","title","text"}`` row gives its ``title`` field as is (no first line to take).
 
     Malformed JSON, a row that is not an object, a missing/invalid ``id`` or missing text fields
     raise :class:`CorpusFormatError` (a ``ValueError``) naming ``file:line``. Blank lines are

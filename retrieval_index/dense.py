@@ -421,7 +421,7 @@ def build_dense_index(corpus_path: str | os.PathLike[str], out_dir: str | os.Pat
     from treegym.retrieval_index.corpus import iter_corpus
     from treegym.retrieval_index.docstore import write_docstore
 
-    from treegym.retrieval_index.corpus import corpus_sha256
+    from treegym.retrieval_index.corpus import corpus_sha256, to_contents
     from treegym.retrieval_index.manifest import begin_build, write_manifest
 
     out = begin_build(out_dir)
@@ -431,8 +431,9 @@ def build_dense_index(corpus_path: str | os.PathLike[str], out_dir: str | os.Pat
     t0 = time.perf_counter()
     n_docs = write_docstore(iter_corpus(corpus_path), out)
     t1 = time.perf_counter()
-    # Encode `contents` as Search-R1's index_builder does ('"Title"\ntext', with e5's passage: prefix).
-    texts = (f'"{title}"\n{text}' for _, title, text in iter_corpus(corpus_path, dedupe=True))
+    # Encode `contents` as Search-R1's index_builder does (wiki-18: '"Title"\ntext', the row as is;
+    # with e5's passage: prefix).
+    texts = (to_contents(title, text) for _, title, text in iter_corpus(corpus_path, dedupe=True))
     if embeddings_from is not None:
         # adopt the source's shard size, so its shards line up with ours and are all reused
         shard_size = _seed_embeddings(Path(embeddings_from), out / EMB_DIR) or shard_size

@@ -89,8 +89,9 @@ _LOG4J2_WARN = """<?xml version="1.0" encoding="UTF-8"?>
 
 def _quiet_options(home: Path) -> list[str]:
     """JVM options that keep Anserini's INFO logging (hundreds of lines per index build, on
-    stdout) and JDK 24+'s sun.misc.Unsafe warnings out of the user's terminal.
-    ``TREEGYM_JAVA_VERBOSE=1`` keeps Anserini's own logging configuration."""
+    stdout), SLF4J's start-up line (``SLF4J(I): Connected with provider ...``), Lucene's MMap
+    notice and JDK 24+'s sun.misc.Unsafe warnings out of the user's terminal.
+    ``TREEGYM_JAVA_VERBOSE=1`` keeps all of them (Anserini's own logging configuration)."""
     if os.environ.get("TREEGYM_JAVA_VERBOSE"):
         return []
     import tempfile
@@ -103,6 +104,7 @@ def _quiet_options(home: Path) -> list[str]:
         options = [f"-Dlog4j2.configurationFile={cfg}"]
     except OSError:
         options = []
+    options.append("-Dslf4j.internal.verbosity=WARN")  # SLF4J 2's own INFO lines go to stderr
     if _release_major(home) >= 24:
         options.append("--sun-misc-unsafe-memory-access=allow")
     return options

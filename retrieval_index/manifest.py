@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -22,7 +23,9 @@ __all__ = ["Manifest", "InvalidIndexError", "MANIFEST_FILE", "FORMAT_VERSION", "
            "library_versions"]
 
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+# 2: titles stored as Search-R1 takes them (wiki-18's first line as is, quotes kept); format-1
+# indexes stripped the quotes, so their observations differ from Search-R1's (warned on load).
+FORMAT_VERSION = 2
 
 
 class InvalidIndexError(ValueError):
@@ -127,6 +130,11 @@ def read_manifest(index_dir: str | os.PathLike[str], *, expect_kind: str | None 
     if manifest.format > FORMAT_VERSION:
         raise InvalidIndexError(f"{path} has format {manifest.format}, newer than this treegym understands "
                           f"({FORMAT_VERSION}); upgrade treegym")
+    if manifest.format < 2:
+        warnings.warn(f"{index_dir} was built by an older treegym (index format {manifest.format}) that dropped the "
+                      "quotes of wiki-18 title lines; its observations differ from Search-R1's "
+                      "(`Title: X` instead of `Title: \"X\"`). Rebuild it for byte-identical observations.",
+                      UserWarning, stacklevel=3)
     if expect_kind is not None and manifest.kind != expect_kind:
         raise InvalidIndexError(f"{index_dir} is a {manifest.kind!r} index, expected {expect_kind!r}")
     if expect_corpus_sha256 is not None and manifest.corpus_sha256 != expect_corpus_sha256:

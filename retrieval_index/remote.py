@@ -14,6 +14,7 @@ import time
 from typing import Any, Sequence
 
 from treegym.retrieval_index.base import Hit, check_search_args
+from treegym.retrieval_index.corpus import parse_contents
 
 __all__ = ["RemoteRetriever", "RemoteRetrieverError"]
 
@@ -22,19 +23,11 @@ class RemoteRetrieverError(RuntimeError):
     """A retrieval server that failed, refused a request, or answered something unreadable."""
 
 
-def _split_contents(contents: str) -> tuple[str, str]:
-    try:
-        from treegym.retrieval_index.corpus import parse_contents
-    except ImportError:  # pragma: no cover - corpus.py ships with the package
-        first, _, rest = contents.partition("\n")
-        return first.strip('"'), rest
-    return parse_contents(contents)
-
-
 class RemoteRetriever:
     """Batched search against `url` (e.g. ``http://127.0.0.1:8000/retrieve``).
 
-    `max_batch` splits large query lists into several requests (the server's default limit is 512).
+    `max_batch` splits large query lists into several requests (512 fits every treegym server,
+    including older ones whose cap was 512; today's takes 4,096).
     Thread-safe: one pooled `httpx.Client` is shared by all forks of an env.
     """
 
@@ -53,6 +46,7 @@ class RemoteRetriever:
         self.max_batch = max_batch
         self._httpx = httpx
         self._client = client or httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=64))
+        self.served: dict[str, Any] = {}  # the server's /health answer, once `check_reachable` ran
 
     def close(self) -> None:
         self._client.close()
@@ -72,6 +66,29 @@ class RemoteRetriever:
             return resp.json()
         except (self._httpx.HTTPError, ValueError) as exc:
             raise RemoteRetrieverError(f"retriever at {health_url} is not healthy: {exc}") from None
+
+    def check_reachable(self, timeout: float = 10.0) -> dict[str, Any]:
+        """One request, so a wrong URL fails when an env is made instead of at its first search.
+
+        ``GET /health``: treegym's server answers what it serves (kind, corpus hash); Search-R1's
+        own server has no such route and answers 404, which still proves it is up. Only a failed
+        connection (refused, unknown host, timeout, not HTTP) raises `RemoteRetrieverError`, naming
+        the URL. Returns the health JSON, or ``{}`` when the server has none. No retries: this is
+        a configuration check, and a dead URL should fail in seconds, not after backoff.
+        """
+        health_url = self.url.rsplit("/retrieve", 1)[0] + "/health"
+        try:
+            resp = self._client.get(health_url, timeout=min(timeout, self.timeout))
+        except self._httpx.HTTPError as exc:
+            raise RemoteRetrieverError(
+                f"cannot reach the retriever at {self.url} ({type(exc).__name__}: {exc}); start it (e.g. "
+                "`treegym serve-retriever --index DIR`) or fix the URL") from None
+        try:
+            data = resp.json() if resp.status_code == 200 else {}
+        except ValueError:
+            data = {}
+        self.served = data if isinstance(data, dict) else {}
+        return self.served
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         queries = check_search_args(queries, k)
@@ -111,7 +128,7 @@ class RemoteRetriever:
                 hits = []
                 for item in items:
                     doc = item["document"] if "document" in item else item
-                    title, text = _split_contents(doc["contents"])
+                    title, text = parse_contents(doc["contents"])
                     hits.append(Hit(doc_id=str(doc["id"]), score=float(item.get("score", 0.0)), title=title, text=text))
                 out.append(hits)
             return out

@@ -7,6 +7,9 @@ whose training code posts `{"queries", "topk", "return_scores": true}` and reads
     POST /retrieve {"queries": ["q1", ...], "topk": 3, "return_scores": true}
     → {"result": [[{"document": {"id": "...", "contents": "\\"Title\\"\\ntext"}, "score": 12.3}, ...], ...]}
 
+`contents` is the corpus row's own `contents` (wiki-18: quoted title line, newline, text), so
+Search-R1's `_passages2string` on it gives byte for byte the env's observation.
+
 With `"return_scores": false` (the default) Search-R1 returns the bare documents,
 `[[{"id", "contents"}, ...]]`, and so do we, so clients written against it work unchanged.
 `topk` missing or null means the server's `--topk` (3), as in Search-R1.
@@ -14,8 +17,10 @@ With `"return_scores": false` (the default) Search-R1 returns the bare documents
 Why a rewrite instead of Search-R1's server: theirs holds a global lock per request and answers
 malformed input with 500s (GEM's users saw 84.7 % failures at 50 concurrent clients). Here every
 request is validated and bounded (4xx JSON with a message, never a 500 for bad input), concurrent
-requests are micro-batched into one backend `search` call on one worker thread (backends are
-fastest in batches and need no locking), and the server binds 127.0.0.1 unless told otherwise.
+requests are micro-batched into backend `search` calls on one worker thread (backends are fastest
+in batches and need no locking), and the server binds 127.0.0.1 unless told otherwise. The
+default bounds take Search-R1's real training batches (2,560 queries in one request, see
+`DEFAULT_MAX_QUERIES`); such a request is searched in chunks of 512 so memory stays bounded.
 Request bodies are parsed as JSON only; nothing from a request is ever unpickled.
 """
 
@@ -34,24 +39,45 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from treegym.retrieval_index.base import Hit, Retriever
+from treegym.retrieval_index.corpus import to_contents
 
-__all__ = ["create_app", "serve_in_thread", "ServerHandle", "cli_main", "hit_to_document", "Limits"]
+__all__ = ["create_app", "serve_in_thread", "ServerHandle", "cli_main", "hit_to_document", "Limits",
+           "DEFAULT_MAX_QUERIES"]
+
+
+# Search-R1's client posts one search round of the whole training batch in one request and reads
+# `response["result"]` without checking the status (a 413 dies as `KeyError: 'result'`). Its
+# train_grpo.sh runs data.train_batch_size=512 with rollout.n_agent=5: 2,560 queries per round
+# (train_ppo.sh: 512; val_batch_size: 256). The default cap takes that with room for n_agent=8.
+DEFAULT_MAX_QUERIES = 4096
+# Queries handed to the backend per call: big requests are searched in chunks of this size, so a
+# backend's working memory (dense query embeddings, sparse candidate arrays) stays bounded.
+DEFAULT_CHUNK_QUERIES = 512
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one request; defaults match the issue (512 queries, 4,096 chars, topk ≤ 100)."""
+    """Bounds on one request.
 
-    max_queries: int = 512
+    `max_queries` (4,096) takes Search-R1's default GRPO batch (512 prompts x 5 samples = 2,560
+    queries in one request); `max_results` bounds queries x topk (51,200 = 2,560 x 20, the same
+    worst case the old 512 x 100 cap allowed), so the response, not just the request, is bounded;
+    `max_batch_queries` is the chunk one backend call gets (requests are split and merged to it).
+    """
+
+    max_queries: int = DEFAULT_MAX_QUERIES
     max_query_chars: int = 4096
     max_topk: int = 100
     default_topk: int = 3
-    max_batch_queries: int = 2048  # queries merged into one backend call
+    max_results: int = 51_200
+    max_batch_queries: int = DEFAULT_CHUNK_QUERIES
+    max_body_cap: int = 64 << 20  # 64 MiB: 2,560 ordinary queries are ~0.3 MB
 
     @property
     def max_body_bytes(self) -> int:
-        # Worst legal body (every query at max length, 4-byte UTF-8 escaped as \uXXXX\uXXXX) + slack.
-        return self.max_queries * (self.max_query_chars * 12 + 8) + 65_536
+        # Worst legal body (every query at max length, 4-byte UTF-8 escaped as \uXXXX\uXXXX) + slack,
+        # capped: at 4,096 queries that worst case is 200 MB, which no real batch comes near.
+        return min(self.max_queries * (self.max_query_chars * 12 + 8) + 65_536, self.max_body_cap)
 
 
 class BadRequest(Exception):
@@ -62,8 +88,10 @@ class BadRequest(Exception):
 
 
 def hit_to_document(hit: Hit) -> dict[str, str]:
-    """A hit as a wiki-18 corpus row: `contents` = '"Title"\\ntext' (Search-R1 splits it back)."""
-    return {"id": hit.doc_id, "contents": f'"{hit.title}"\n{hit.text}'}
+    """A hit as a corpus row: `contents` = title, newline, text — the corpus row itself for a
+    wiki-18 corpus (its title line keeps its quotes), so Search-R1's client shows exactly what
+    the local env shows (`corpus.to_contents`)."""
+    return {"id": hit.doc_id, "contents": to_contents(hit.title, hit.text)}
 
 
 def _validate(payload: Any, limits: Limits) -> tuple[list[str], int, bool]:
@@ -91,6 +119,9 @@ def _validate(payload: Any, limits: Limits) -> tuple[list[str], int, bool]:
         raise BadRequest(422, f"'topk' must be an integer, got {type(topk).__name__}")
     elif not 1 <= topk <= limits.max_topk:
         raise BadRequest(422, f"'topk' must be between 1 and {limits.max_topk}, got {topk}")
+    if len(queries) * topk > limits.max_results:
+        raise BadRequest(413, f"{len(queries)} queries x topk {topk} = {len(queries) * topk} results is over the "
+                              f"server's maximum of {limits.max_results}; split the batch or lower topk")
     return_scores = payload.get("return_scores", False)
     if return_scores is None:
         return_scores = False
@@ -100,7 +131,9 @@ def _validate(payload: Any, limits: Limits) -> tuple[list[str], int, bool]:
 
 
 class MicroBatcher:
-    """Merges requests that arrive while the backend is busy into one `search` call.
+    """Merges requests that arrive while the backend is busy into `search` calls of at most
+    `max_batch_queries` queries each; a request bigger than that (Search-R1's 2,560) is searched
+    in chunks of that size, one after the other, so backend memory stays bounded.
 
     No timer: the worker takes everything queued when it becomes free, so an idle server adds no
     latency and a loaded one batches naturally. Requests are grouped by `topk` so every client gets
@@ -156,15 +189,19 @@ class MicroBatcher:
             for k, items in by_k.items():
                 merged = [q for qs, _, _ in items for q in qs]
                 try:
-                    results = await loop.run_in_executor(self.executor, self.retriever.search, merged, k)
-                    if len(results) != len(merged):
-                        raise RuntimeError(f"backend returned {len(results)} result lists for {len(merged)} queries")
+                    results = []
+                    for start in range(0, len(merged), self.max_batch_queries):
+                        chunk = merged[start:start + self.max_batch_queries]
+                        found = await loop.run_in_executor(self.executor, self.retriever.search, chunk, k)
+                        if len(found) != len(chunk):
+                            raise RuntimeError(f"backend returned {len(found)} result lists for {len(chunk)} queries")
+                        results.extend(found)
+                        self.calls += 1
                 except Exception as exc:  # noqa: BLE001 - reported to each waiting request, server keeps going
                     for _, _, fut in items:
                         if not fut.done():
                             fut.set_exception(exc)
                     continue
-                self.calls += 1
                 self.queries += len(merged)
                 pos = 0
                 for qs, _, fut in items:
@@ -196,6 +233,11 @@ def create_app(retriever: Retriever, *, limits: Limits | None = None, info: dict
     from pydantic import BaseModel
 
     limits = limits or Limits()
+    manifest = getattr(retriever, "manifest", None)
+    if manifest is not None and getattr(manifest, "corpus_sha256", None):
+        # what is served, so clients (treegym envs) can refuse an index over another corpus
+        info = {"kind": manifest.kind, "docs": manifest.doc_count, "corpus_sha256": manifest.corpus_sha256,
+                "corpus_path": manifest.corpus_path, **(info or {})}
     batcher = MicroBatcher(retriever, limits.max_batch_queries)
     started = time.time()
 
@@ -263,7 +305,8 @@ def create_app(retriever: Retriever, *, limits: Limits | None = None, info: dict
         """Liveness plus what is being served and the request limits."""
         return {"status": "ok", "retriever": type(retriever).__name__, **(info or {}),
                 "limits": {"max_queries": limits.max_queries, "max_query_chars": limits.max_query_chars,
-                           "max_topk": limits.max_topk, "default_topk": limits.default_topk},
+                           "max_topk": limits.max_topk, "default_topk": limits.default_topk,
+                           "max_results": limits.max_results, "chunk_queries": limits.max_batch_queries},
                 "backend_calls": batcher.calls, "queries_served": batcher.queries,
                 "uptime_s": round(time.time() - started, 1)}
 
@@ -345,7 +388,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--topk", type=int, default=3, help="topk when a request does not say (Search-R1: 3)")
-    p.add_argument("--max-queries", type=int, default=512, help="most queries in one request")
+    p.add_argument("--max-queries", type=int, default=DEFAULT_MAX_QUERIES,
+                   help=f"most queries in one request (default {DEFAULT_MAX_QUERIES}: Search-R1's GRPO default sends "
+                        "512 prompts x 5 samples = 2,560)")
+    p.add_argument("--max-results", type=int, default=Limits.max_results,
+                   help=f"most queries x topk in one request (default {Limits.max_results})")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_QUERIES,
+                   help=f"queries per backend search call; bigger requests are searched in chunks (default "
+                        f"{DEFAULT_CHUNK_QUERIES})")
     p.add_argument("--max-query-chars", type=int, default=4096, help="longest query accepted")
     p.add_argument("--max-topk", type=int, default=100, help="largest topk accepted")
     p.add_argument("--backend", default=None, help="dense search backend: faiss, faiss-gpu or torch")
@@ -361,7 +411,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    for name in ("max_queries", "max_query_chars", "max_topk", "topk", "threads"):
+    for name in ("max_queries", "max_query_chars", "max_topk", "max_results", "chunk", "topk", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"serve-retriever: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -394,11 +444,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     try:
         from treegym.retrieval_index.manifest import read_manifest
         m = read_manifest(args.index)
-        info.update(kind=m.kind, docs=m.doc_count)
+        info.update(kind=m.kind, docs=m.doc_count, corpus_sha256=m.corpus_sha256, corpus_path=m.corpus_path)
     except (ImportError, OSError, ValueError):
         pass
     limits = Limits(max_queries=args.max_queries, max_query_chars=args.max_query_chars, max_topk=args.max_topk,
-                    default_topk=args.topk)
+                    default_topk=args.topk, max_results=args.max_results, max_batch_queries=args.chunk)
     app = create_app(retriever, limits=limits, info=info)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"serve-retriever: warning: binding {args.host}: the index is reachable from other machines "

@@ -103,7 +103,9 @@ def test_doc_ids_unique_and_every_entity_has_one_passage(small: World) -> None:
         assert doc.text.count(e.name) >= 2  # title + text repeats: exact-name search finds it
 
 
-def test_corpus_file_is_wiki18_format(tmp_path: Path, small: World) -> None:
+def test_corpus_file_is_wiki18_layout_with_unquoted_titles(tmp_path: Path, small: World) -> None:
+    """wiki-18's {"id", "contents"} layout; the title line has no quotes, so observations (title
+    line as is, Search-R1's rule) show `Title: Name`, the text the warm starts were trained on."""
     small.write(tmp_path)
     lines = (tmp_path / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(small.docs)
@@ -112,7 +114,7 @@ def test_corpus_file_is_wiki18_format(tmp_path: Path, small: World) -> None:
         assert set(row) == {"id", "contents"}
         assert row["id"] == doc.doc_id
         title, text = row["contents"].split("\n", 1)
-        assert title == f'"{doc.title}"' and text == doc.text
+        assert title == doc.title and text == doc.text
     info = json.loads((tmp_path / "world.json").read_text())
     assert info["seed"] == 7 and info["counts"]["docs"] == len(small.docs)
 

@@ -340,8 +340,11 @@ def test_index_directory_and_url_retrievers(tmp_path):
         from treegym.retrieval_index.remote import RemoteRetriever
     except ImportError:  # the retrieval-dense helper's module; the URL form needs it
         pytest.fail("treegym.retrieval_index.remote.RemoteRetriever is missing")
-    u = gym.make("TreeSearchQA-v0", retriever="http://127.0.0.1:9/retrieve").unwrapped
-    assert isinstance(u.retriever.retriever, RemoteRetriever)
+    from treegym.retrieval_index.remote import RemoteRetrieverError
+
+    # a URL is checked once at make (nothing listens on port 9); URL envs that work: test_search_r1_compat.py
+    with pytest.raises(RemoteRetrieverError, match=r"127\.0\.0\.1:9/retrieve"):
+        gym.make("TreeSearchQA-v0", retriever="http://127.0.0.1:9/retrieve")
 
 
 def test_resources_are_shared_between_envs_and_forks():

@@ -192,5 +192,64 @@ def test_lucene_bad_corpus_row_names_file_line(tmp_path, no_openai_key):
     bad.write_text('{"id": "a", "contents": "\\"A\\"\\nx"}\n{"id": "b", "contents": 3}\n')
     with pytest.raises(ValueError, match=f"{bad}:2"):
         build_index(bad, "lucene", tmp_path / "idx")
-    with pytest.raises(InvalidIndexError, match="did not finish"):
+    with pytest.raises(InvalidIndexError, match="not found"):
         load_index(tmp_path / "idx")
+    assert list(tmp_path.iterdir()) == [bad]  # no half-written index, no staging directory
+
+
+# --- accents ------------------------------------------------------------------------------------
+
+ACCENTED = [
+    {"id": "1", "contents": '"Toruń"\nToruń is a city on the Vistula in Poland.'},
+    {"id": "2", "contents": '"Łódź"\nŁódź is a city in central Poland, known for textiles.'},
+    {"id": "3", "contents": '"Torun Lake"\nTorun Lake is a lake in Canada.'},
+    {"id": "4", "contents": '"Gdańsk"\nGdańsk is a port city on the Baltic coast of Poland.'},
+    {"id": "5", "contents": '"Vistula"\nThe Vistula is the longest river in Poland.'},
+]
+
+
+def test_shipped_fold_table_is_lucenes_own(lucene):
+    """The embedded bm25 folds with a table generated from Lucene's ASCIIFoldingFilter: still equal."""
+    from treegym.retrieval_index._ascii_folding import FOLD
+    from treegym.retrieval_index.lucene import lucene_ascii_folding_table
+
+    assert FOLD == lucene_ascii_folding_table()
+
+
+def test_ascii_fold_on_lucene_and_bm25(tmp_path, no_openai_key, lucene):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ACCENTED), encoding="utf-8")
+    built = {(kind, fold): build_index(corpus, kind, tmp_path / f"{kind}-{fold}", ascii_fold=fold)
+             for kind in ("lucene", "bm25") for fold in (False, True)}
+    for (kind, fold), r in built.items():
+        assert json.loads((r.index_dir / "manifest.json").read_text())["params"]["ascii_fold"] is fold
+        reopened = load_index(r.index_dir)
+        for query, doc in (("Torun", "1"), ("Lodz", "2"), ("Gdansk", "4")):
+            hits = reopened.search([query], 3)[0]
+            assert (doc in [h.doc_id for h in hits]) is fold, (kind, fold, query, hits)
+        exact = reopened.search(["Toruń"], 1)[0][0]  # the accented query still finds it either way
+        assert (exact.doc_id, exact.title, exact.text) == ("1", '"Toruń"', "Toruń is a city on the Vistula in Poland.")
+    queries = ["Torun", "Lodz city Poland", "Gdańsk port", "river Poland", "Torun Lake Canada"]
+    for fold in (False, True):
+        a, b = built[("lucene", fold)].search(queries, 3), built[("bm25", fold)].search(queries, 3)
+        assert [[h.doc_id for h in x] for x in a] == [[h.doc_id for h in x] for x in b]
+        for x, y in zip(a, b):
+            assert [h.score for h in x] == pytest.approx([h.score for h in y], rel=1e-3)
+
+
+def test_lucene_start_up_noise_stays_out_of_the_terminal(lucene, tmp_path):
+    """Building and searching a Lucene index prints nothing from Java (SLF4J, MMapDirectory,
+    sun.misc.Unsafe, Anserini's INFO log) unless TREEGYM_JAVA_VERBOSE asks for it."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ACCENTED), encoding="utf-8")
+    search = f"""
+        from treegym.retrieval_index import build_index, load_index
+        print("HITS", [h.doc_id for h in load_index({str(tmp_path / "idx")!r}).search(["Vistula"], 2)[0]])
+    """
+    build = search.replace("        print(", f"        build_index({str(corpus)!r}, 'lucene', {str(tmp_path / 'idx')!r})\n        print(")
+    quiet = _run(build)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.strip() == "HITS ['5', '1']" and quiet.stderr == "", (quiet.stdout, quiet.stderr)
+    # the same search with the noise allowed: it is there to hide (a search only, to save a build)
+    loud = _run(search, TREEGYM_JAVA_VERBOSE="1")
+    assert loud.returncode == 0 and "MMapDirectory" in loud.stdout + loud.stderr, loud.stderr

@@ -37,7 +37,8 @@ from typing import Any, Iterable, Sequence
 from treegym.envs.data.task import Task
 
 # Bump whenever generation changes (names, templates, counts): cached worlds are keyed on it.
-WORLD_VERSION = 1
+# v2: corpus title lines without wiki-18's quotes (titles are now shown as is, Search-R1's rule).
+WORLD_VERSION = 2
 
 KINDS: tuple[str, ...] = ("single", "bridge", "comparison", "bridge3")
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
@@ -76,8 +77,10 @@ class Doc:
 
     @property
     def contents(self) -> str:
-        """wiki-18's `contents` field: the quoted title, a newline, the text."""
-        return f'"{self.title}"\n{self.text}'
+        """The `contents` field: the title line, a newline, the text. Unlike wiki-18 the title
+        line has no quotes: observations take it as is (Search-R1's rule), and the committed
+        warm starts were trained on `Doc 1(Title: Name) ...`, which this keeps byte for byte."""
+        return f"{self.title}\n{self.text}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +225,8 @@ class World:
 
     # export -----------------------------------------------------------------------------------
     def write(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write corpus.jsonl (wiki-18 format), {train,dev,test}.parquet (Search-R1 format) and
-        world.json. Same world → byte-identical files. Returns the written paths by name."""
+        """Write corpus.jsonl (wiki-18 layout, title lines unquoted), {train,dev,test}.parquet
+        (Search-R1 format) and world.json. Same world → byte-identical files. Returns the written paths by name."""
         from treegym.envs.data.loaders import write_search_r1_parquet
 
         out = Path(out_dir)

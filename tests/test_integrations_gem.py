@@ -64,3 +64,11 @@ def test_gem_vector_env_steps_and_autoresets_our_env():
     assert list(term) == [True, True, False] and list(trunc) == [False, False, True]
     # GEM's SAME_STEP autoreset: the finished envs already show a new prompt
     assert all(o.startswith(vec.envs[0].env.unwrapped.state.prompt[:40]) for o in obs)
+
+
+def test_readme_example_runs():
+    from readme_example import run_readme_example
+
+    ns = run_readme_example("Use treegym from GEM")
+    assert ns["branch"].get_state() != ns["state"]  # the branch moved on, the original did not
+    assert len(ns["obs"]) == 4 and len(set(ns["prompts"])) == 4

@@ -49,3 +49,11 @@ def test_bad_config_and_unknown_task_are_clear_errors():
     with pytest.raises(ValueError, match="replace=True"):
         tg_skyrl.register("search")
     tg_skyrl.register("treegym")  # idempotent
+
+
+def test_readme_example_runs():
+    from readme_example import run_readme_example
+
+    ns = run_readme_example("Use treegym from SkyRL")
+    assert ns["out"]["done"] and ns["env"].max_turns == 4
+    assert ns["chat"][-1]["content"].startswith(ns["env"].env.unwrapped.state.prompt[:30])

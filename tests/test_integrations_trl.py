@@ -160,3 +160,12 @@ def test_version_outside_the_tested_range_names_it():
     with pytest.raises(ImportError, match=r"treegym\[trl\]"):
         from treegym.integrations._requires import require
         require("no_such_module_treegym", "no-such-dist", ">=1", "trl")
+
+
+@pytest.mark.timeout(300)
+def test_readme_example_runs(tmp_path, monkeypatch, one_torch_thread):
+    from readme_example import run_readme_example
+
+    monkeypatch.chdir(tmp_path)
+    ns = run_readme_example("Use treegym from TRL")
+    assert ns["trainer"].state.global_step == 2 and len(ns["leaves"]) == 8

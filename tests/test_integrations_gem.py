@@ -72,3 +72,20 @@ def test_readme_example_runs():
     ns = run_readme_example("Use treegym from GEM")
     assert ns["branch"].get_state() != ns["state"]  # the branch moved on, the original did not
     assert len(ns["obs"]) == 4 and len(set(ns["prompts"])) == 4
+
+
+@pytest.mark.parametrize("module,blocked,extra", [("gem", "gem", "gem"), ("skyrl", "skyrl_gym", "skyrl"),
+                                                  ("trl", "trl", "trl")])
+def test_each_integration_imports_alone_and_names_its_extra(module, blocked, extra):
+    """Without its library a module raises ImportError naming the extra; the others still import."""
+    import subprocess
+    import sys
+
+    others = [m for m in ("gem", "skyrl") if m != module]
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            f"for m in {others!r}: __import__('treegym.integrations.' + m)\n"
+            f"try:\n    import treegym.integrations.{module}\nexcept ImportError as e:\n    print(e)\n"
+            f"else:\n    print('imported')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f'pip install "treegym[{extra}]"' in out.stdout, out.stdout

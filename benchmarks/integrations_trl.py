@@ -18,7 +18,9 @@ prompts × 4), optimizer and learning rate, all on CPU in one process:
 A step's time is the time between two `on_step_end` callbacks (rollout + scoring + update), as
 wall seconds and as this process's CPU seconds (with one torch thread, the steadier measure on a
 shared machine, where other jobs stretch the wall time); the first step (lazy initialisation) is
-dropped and the median of the rest is reported, with the ratio to `trl single-turn`. The
+dropped and the median of the rest is reported, with the ratio to `trl single-turn`, and the
+CPU seconds of the rollout part (`GRPOTrainer._generate`: the rollout_func, or TRL's own
+generation) — the rest is scoring, reward and the update. The
 single-turn arm has no stop strings (TRL's generation stops at EOS only), so its completions run
 to `--max-new-tokens`; treegym's stop at `</search>` / `</answer>` every turn. Arms run round-robin `--rounds` times (fresh trainers each time), the
 median over rounds is kept: on a shared machine, interleaving keeps the ratios meaningful.
@@ -111,6 +113,16 @@ def run_arm(arm: str, env, steps: int, args) -> dict:
         trainer = tg_trl.TreeGRPOTrainer(reward_funcs=tg_trl.env_reward, rollout_func=rollout, **common)
     timer = _StepTimer()
     trainer.add_callback(timer)
+    gen_times: list[tuple[float, float]] = []
+    generate = trainer._generate  # rollout_func or TRL's own generation: the rollout part of a step
+
+    def timed_generate(prompts):
+        w, c = time.perf_counter(), time.process_time()
+        out = generate(prompts)
+        gen_times.append((time.perf_counter() - w, time.process_time() - c))
+        return out
+
+    trainer._generate = timed_generate
     trainer.train()
     pairs = list(zip(timer.stamps, timer.stamps[1:]))[1:]  # drop the first step
     times = [b[0] - a[0] for a, b in pairs]
@@ -121,6 +133,7 @@ def run_arm(arm: str, env, steps: int, args) -> dict:
                   [h for h in trainer.state.log_history if "num_tokens" in h][1:])]
     return {"s_per_step": statistics.median(times), "step_times": times,
             "cpu_s_per_step": statistics.median(cpu), "step_cpu_times": cpu,
+            "rollout_cpu_s_per_step": statistics.median(c for _, c in gen_times[1:]),
             "model_tokens_per_completion": statistics.mean(h["completions/mean_length"] for h in logs),
             "tokens_per_step": statistics.mean(tokens) if tokens else float("nan"),
             "reward": statistics.mean(h["reward"] for h in logs)}
@@ -152,17 +165,19 @@ def main(argv: list[str] | None = None) -> int:
         rs = per_arm[arm]
         rows[arm] = {"s_per_step": statistics.median(r["s_per_step"] for r in rs),
                      "cpu_s_per_step": statistics.median(r["cpu_s_per_step"] for r in rs),
+                     "rollout_cpu_s_per_step": statistics.median(r["rollout_cpu_s_per_step"] for r in rs),
                      "model_tokens_per_completion": statistics.mean(r["model_tokens_per_completion"] for r in rs),
                      "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in rs),
                      "reward": statistics.mean(r["reward"] for r in rs), "rounds": rs}
     base = rows["trl single-turn"]["s_per_step"]
     cbase = rows["trl single-turn"]["cpu_s_per_step"]
     lines = ["| arm | wall s/step (median) | × trl single-turn | CPU s/step | × trl single-turn | "
-             "model tokens / completion | prompt+completion tokens / step | mean reward |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "of which rollout CPU s | model tokens / completion | prompt+completion tokens / step "
+             "| mean reward |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in rows.items():
         lines.append(f"| {arm} | {r['s_per_step']:.3f} | {r['s_per_step'] / base:.2f}× | "
                      f"{r['cpu_s_per_step']:.3f} | {r['cpu_s_per_step'] / cbase:.2f}× | "
+                     f"{r['rollout_cpu_s_per_step']:.3f} | "
                      f"{r['model_tokens_per_completion']:.1f} | {r['tokens_per_step']:.0f} | "
                      f"{r['reward']:.3f} |")
     table = "\n".join(lines)

@@ -15,6 +15,8 @@ immutable value, O(1), picklable), `set_state()` restores it mid-episode, and
 start. `spawn(same_state=False, **kwargs)` builds a fresh env with the same configuration
 (kwargs override it, e.g. `seed`), as GEM's envs do.
 
+Vector envs: GEM's `SyncVectorEnv` and its thread-pool `AsyncVectorEnv` (`make_vec(...,
+async_mode=True)`) both step these envs; threads share the corpus and retriever read-only.
 Seeds: `gem.make_vec` gives env i the constructor kwarg `seed = seed + i`; the first `reset()`
 without a seed uses it, so a vector env's members start on different, reproducible tasks. Later
 seedless resets (GEM's autoreset) draw the next task from the env's own RNG.

@@ -50,14 +50,20 @@ def test_spawn_same_state_forks_mid_episode_and_set_state_restores():
     assert fresh.reset()[0] == gem.make("treegym/TreeSearchQA-v0", seed=7).reset()[0]
 
 
-def test_gem_vector_env_steps_and_autoresets_our_env():
-    vec = gem.make_vec(["treegym/TreeSearchQA-v0"] * 3, seed=10, max_tool_calls=1)
+@pytest.mark.parametrize("async_mode", [False, True])  # True: GEM's thread-pool AsyncVectorEnv
+def test_gem_vector_env_steps_and_autoresets_our_env(async_mode):
+    vec = gem.make_vec(["treegym/TreeSearchQA-v0"] * 3, seed=10, max_tool_calls=1,
+                       async_mode=async_mode)
     obs, infos = vec.reset()
     assert len(set(obs)) == 3  # seed + i: three different tasks
     for o, i in zip(obs, range(3)):
         assert o == gym.make("TreeSearchQA-v0", max_tool_calls=1).reset(seed=10 + i)[0]
     obs, rewards, term, trunc, infos = vec.step([SEARCH] * 3)
     assert not term.any() and all(o.startswith("\n\n<information>") for o in obs)
+    for o, e in zip(obs, vec.envs):  # what a lone env returns for the same step
+        ref = gym.make("TreeSearchQA-v0", max_tool_calls=1)
+        ref.reset(options={"task_id": e.env.unwrapped.task.id})
+        assert o == ref.step(SEARCH)[0]
     answers = [_answer(e) for e in vec.envs]
     obs, rewards, term, trunc, infos = vec.step([answers[0], "<answer>wrong</answer>", "no tags"])
     assert list(rewards) == [1.0, 0.0, 0.0]

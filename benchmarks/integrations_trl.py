@@ -25,7 +25,8 @@ single-turn arm has no stop strings (TRL's generation stops at EOS only), so its
 to `--max-new-tokens`; treegym's stop at `</search>` / `</answer>` every turn. Arms run round-robin `--rounds` times (fresh trainers each time), the
 median over rounds is kept: on a shared machine, interleaving keeps the ratios meaningful.
 Multi-turn episodes are longer (prompt + several actions + observations) than one completion, so
-the per-step token counts are printed too: they explain most of the ratio.
+the per-step token counts are printed too (prompt + completion ids as TRL gets them, and the
+padded [B, T] TRL's forward passes compute; "model tokens" are the sampled ones only).
 Results go to benchmarks/results/integrations_trl.{md,json}.
 """
 
@@ -114,12 +115,16 @@ def run_arm(arm: str, env, steps: int, args) -> dict:
     timer = _StepTimer()
     trainer.add_callback(timer)
     gen_times: list[tuple[float, float]] = []
+    tokens: list[tuple[int, int]] = []  # (real, padded) prompt + completion tokens per step
     generate = trainer._generate  # rollout_func or TRL's own generation: the rollout part of a step
 
     def timed_generate(prompts):
         w, c = time.perf_counter(), time.process_time()
         out = generate(prompts)
         gen_times.append((time.perf_counter() - w, time.process_time() - c))
+        prompt_ids, completion_ids = out[0], out[1]
+        tokens.append((sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)),
+                       len(prompt_ids) * (max(map(len, prompt_ids)) + max(map(len, completion_ids)))))
         return out
 
     trainer._generate = timed_generate
@@ -128,14 +133,12 @@ def run_arm(arm: str, env, steps: int, args) -> dict:
     times = [b[0] - a[0] for a, b in pairs]
     cpu = [b[1] - a[1] for a, b in pairs]
     logs = [h for h in trainer.state.log_history if "reward" in h][1:]
-    tokens = [b["num_tokens"] - a["num_tokens"] for a, b in
-              zip([h for h in trainer.state.log_history if "num_tokens" in h],
-                  [h for h in trainer.state.log_history if "num_tokens" in h][1:])]
     return {"s_per_step": statistics.median(times), "step_times": times,
             "cpu_s_per_step": statistics.median(cpu), "step_cpu_times": cpu,
             "rollout_cpu_s_per_step": statistics.median(c for _, c in gen_times[1:]),
             "model_tokens_per_completion": statistics.mean(h["completions/mean_length"] for h in logs),
-            "tokens_per_step": statistics.mean(tokens) if tokens else float("nan"),
+            "tokens_per_step": statistics.mean(t for t, _ in tokens[1:]),
+            "padded_tokens_per_step": statistics.mean(t for _, t in tokens[1:]),
             "reward": statistics.mean(h["reward"] for h in logs)}
 
 
@@ -168,17 +171,19 @@ def main(argv: list[str] | None = None) -> int:
                      "rollout_cpu_s_per_step": statistics.median(r["rollout_cpu_s_per_step"] for r in rs),
                      "model_tokens_per_completion": statistics.mean(r["model_tokens_per_completion"] for r in rs),
                      "tokens_per_step": statistics.mean(r["tokens_per_step"] for r in rs),
+                     "padded_tokens_per_step": statistics.mean(r["padded_tokens_per_step"] for r in rs),
                      "reward": statistics.mean(r["reward"] for r in rs), "rounds": rs}
     base = rows["trl single-turn"]["s_per_step"]
     cbase = rows["trl single-turn"]["cpu_s_per_step"]
     lines = ["| arm | wall s/step (median) | × trl single-turn | CPU s/step | × trl single-turn | "
-             "of which rollout CPU s | model tokens / completion | prompt+completion tokens / step "
+             "of which rollout CPU s | model tokens / completion | tokens / step (real / padded) "
              "| mean reward |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in rows.items():
         lines.append(f"| {arm} | {r['s_per_step']:.3f} | {r['s_per_step'] / base:.2f}× | "
                      f"{r['cpu_s_per_step']:.3f} | {r['cpu_s_per_step'] / cbase:.2f}× | "
                      f"{r['rollout_cpu_s_per_step']:.3f} | "
-                     f"{r['model_tokens_per_completion']:.1f} | {r['tokens_per_step']:.0f} | "
+                     f"{r['model_tokens_per_completion']:.1f} | {r['tokens_per_step']:.0f} / "
+                     f"{r['padded_tokens_per_step']:.0f} | "
                      f"{r['reward']:.3f} |")
     table = "\n".join(lines)
     print(table)

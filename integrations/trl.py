@@ -36,6 +36,10 @@ logs under "advantages". Shared tree prefixes are trained once per leaf (TRL pad
 completion; no tree-packed forward). Each process must hold whole groups, because treegym's
 advantages are computed where the trees were grown.
 
+Generation runs on the trainer's Hugging Face model (`HFPolicy`), not on TRL's vLLM; every
+episode ends at a stop string, not at EOS, so TRL logs them all under
+"completions/clipped_ratio", and `mask_truncated_completions=True` is refused.
+
 Behaviour log-probs: TRL uses `logprobs` only for vLLM importance-sampling correction; with
 on-policy steps (the default) its loss takes the old log-probs from its own forward pass, which
 equals ours at the same temperature (`treegym.agents.sampling` reports log_softmax(logits / T),
@@ -136,7 +140,11 @@ class TreegymRollout:
         return prompt
 
     def task_id(self, prompt: Any) -> str:
-        """The task whose reset prompt is `prompt` (a str, or chat messages ending in it)."""
+        """The task whose reset prompt is `prompt` (a str, or chat messages ending in it).
+
+        Two tasks with the same question have the same prompt; the first one in the split is
+        taken (the model sees the same text either way; only the gold answers could differ).
+        """
         if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
             prompt = prompt[-1].get("content")
         if not isinstance(prompt, str):
@@ -228,6 +236,7 @@ def _to_trl(forests: list, adv: dict | None, expected: int) -> dict[str, list]:
     if adv is not None:
         out["treegym_advantage"] = []
     prompt_len = {f.uid: len(f.prompt_ids) for f in forests}
+    task_of = {f.uid: getattr(f.task, "id", None) for f in forests}
     for r, leaf in enumerate(batch.leaves):
         n = int(batch.attention_mask[r].sum())
         p = prompt_len[leaf.uid]
@@ -239,8 +248,7 @@ def _to_trl(forests: list, adv: dict | None, expected: int) -> dict[str, list]:
         out["logprobs"].append(batch.old_logprobs[r, p:n].astype(float).tolist())
         out["env_mask"].append(batch.loss_mask[r, p:n].astype(int).tolist())
         out["env_reward"].append(float(batch.rewards[r]))
-        task = next(f.task for f in forests if f.uid == leaf.uid)
-        out["task_id"].append(getattr(task, "id", None))
+        out["task_id"].append(task_of[leaf.uid])
         if adv is not None:
             out["treegym_advantage"].append(batch.advantages[r, p:n].astype(float).tolist())
     return out

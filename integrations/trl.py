@@ -42,13 +42,14 @@ episode ends at a stop string, not at EOS, so TRL logs them all under
 
 Behaviour log-probs: TRL uses `logprobs` only for vLLM importance-sampling correction; with
 on-policy steps (the default) its loss takes the old log-probs from its own forward pass, which
-equals ours at the same temperature (`treegym.agents.sampling` reports log_softmax(logits / T),
-as TRL computes them).
+equals ours at the same temperature and precision (`treegym.agents.sampling` reports
+log_softmax(logits / T), as TRL computes them; TRL's default `bf16=True` autocasts its forward
+to bf16 while the rollout samples in the model's dtype).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from treegym.integrations._requires import require
 

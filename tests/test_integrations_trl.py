@@ -169,3 +169,25 @@ def test_readme_example_runs(tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.chdir(tmp_path)
     ns = run_readme_example("Use treegym from TRL")
     assert ns["trainer"].state.global_step == 2 and len(ns["leaves"]) == 8
+
+
+@pytest.mark.parametrize("estimator", ["tree_grpo", "treerl", "gigpo"])
+def test_per_token_advantages_reach_trl_rows_step_by_step(env, estimator):
+    """Node-level estimators give each step its own value; the row TRL gets keeps that, token by
+    token (0 on observation tokens), for every leaf of every tree."""
+    from treegym.agents import RandomPolicy
+    from treegym.tree import rollout, to_batch
+
+    forests, _ = rollout.tree_grpo(RandomPolicy(seed=1), env, env.unwrapped.tasks[:3], M=2, N=2,
+                                   L=1, seed=0, max_new_tokens=200)
+    adv = getattr(A, estimator)(forests)
+    rows = tg_trl._to_trl(forests, adv, expected=3 * 2 * 3)
+    for i, leaf in enumerate(leaf for f in forests for leaf in f.leaves()):
+        want = []
+        for node, value in zip(leaf.path(), adv[leaf]):
+            want += [value] * len(node.action_ids) + [0.0] * len(node.obs_ids)
+        assert np.allclose(rows["treegym_advantage"][i], want)
+        assert rows["env_reward"][i] == leaf.reward
+    assert to_batch(forests, adv).advantages.shape[0] == len(rows["completion_ids"])
+    if estimator != "tree_grpo":  # the per-step case is really exercised
+        assert any(len(set(np.round(adv[leaf], 9))) > 1 for f in forests for leaf in f.leaves())

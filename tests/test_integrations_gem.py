@@ -95,3 +95,12 @@ def test_each_integration_imports_alone_and_names_its_extra(module, blocked, ext
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f'pip install "treegym[{extra}]"' in out.stdout, out.stdout
+
+
+def test_gem_observation_wrapper_accumulates_our_episode():
+    from gem.wrappers.wrapper_factory import WRAPPER_FACTORY
+
+    env = WRAPPER_FACTORY["concat_with_action"](gem.make("treegym/TreeSearchQA-v0"))
+    prompt, _ = env.reset(seed=0)
+    obs, *_ = env.step(SEARCH)
+    assert obs.startswith(prompt) and SEARCH in obs and "<information>" in obs.split(SEARCH, 1)[1]

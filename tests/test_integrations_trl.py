@@ -157,8 +157,11 @@ def test_version_outside_the_tested_range_names_it():
     check_version("trl", "1.16.0", tg_trl.TRL_SPEC, "trl")
     with pytest.raises(ImportError, match=r"trl>=1\.16\.0,<1\.17.*treegym\[trl\]"):
         check_version("trl", "0.29.1", tg_trl.TRL_SPEC, "trl")
+    from treegym.integrations._requires import require
+
+    with pytest.raises(ImportError, match=r"supports trl>=9\.0 .*found trl 1\.16"):
+        require("trl", "trl", ">=9.0", "trl")  # the installed trl, outside a range
     with pytest.raises(ImportError, match=r"treegym\[trl\]"):
-        from treegym.integrations._requires import require
         require("no_such_module_treegym", "no-such-dist", ">=1", "trl")
 
 

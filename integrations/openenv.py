@@ -213,10 +213,15 @@ class SessionStore:
         if not isinstance(sid, str) or not sid:
             raise RequestError(400, "missing_session", "session_id is required (a string returned by "
                                "reset or fork)")
+        now = time.monotonic()
         with self._lock:
             sess = self._sessions.get(sid)
+            if sess is not None and sess.last_used < now - self.limits.idle_timeout_s:
+                del self._sessions[sid]  # expired: refuse it even before a sweep runs
+                sess.env.close()
+                sess = None
             if sess is not None:
-                sess.last_used = time.monotonic()
+                sess.last_used = now
         if sess is None:
             raise RequestError(404, "unknown_session", f"no session {sid[:MAX_ID_CHARS]!r}: it never existed, "
                                f"was closed, or expired after {self.limits.idle_timeout_s:g} s idle")

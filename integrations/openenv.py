@@ -716,6 +716,7 @@ class RemoteEnv(ForkableEnv):
         self.base_url = base_url
         self._server = _info or _raise_for(self._http.get("/treegym"))
         self.session_id = session_id
+        self._owns = False  # a session this object opened (reset/fork), closed with it; never an attached one
         self.observation_space = FreeText(1 << 20)
         self.action_space = FreeText(self._server["max_action_chars"])
         self.state = RemoteState()
@@ -745,6 +746,8 @@ class RemoteEnv(ForkableEnv):
             body["session_id"] = self.session_id
         out = self._post("/reset", body)
         obs = out["observation"]
+        if self.session_id is None:
+            self._owns = True
         self.session_id = obs["session_id"]
         self.state = RemoteState(prompt=obs["text"], episode_seed=seed)
         return obs["text"], obs["info"]
@@ -775,6 +778,7 @@ class RemoteEnv(ForkableEnv):
                             f"{type(state).__name__}")
         if self.session_id is None:
             self.session_id = self._post("/reset", {})["observation"]["session_id"]
+            self._owns = True
         self._post("/restore", {"session_id": self.session_id, "token": state.token})
         self.state = state
 
@@ -783,18 +787,21 @@ class RemoteEnv(ForkableEnv):
             return RemoteEnv(self.base_url, _http=self._http, _info=self._server)
         new = self._post("/fork", {"session_id": self.session_id})["session_id"]
         child = RemoteEnv(self.base_url, _http=self._http, _info=self._server)
-        child.session_id, child.state = new, self.state
+        child.session_id, child.state, child._owns = new, self.state, True
         return child
 
     def close(self) -> None:
+        """Free the server session if this object opened it (an attached one stays open)."""
         sid, self.session_id = self.session_id, None
-        if sid is not None:
+        if sid is not None and self._owns:
             try:
                 self._post("/close", {"session_id": sid})
             except (RemoteEnvError, httpx.HTTPError):
                 pass  # expired already
 
     def __del__(self):  # forks a rollout drops free their server session at once
+        if not hasattr(self, "_owns"):
+            return
         try:
             self.close()
         except Exception:

@@ -240,3 +240,49 @@ def test_schema_has_one_required_text_field(served):
     schema = httpx.get(f"{served.url}/schema").json()["action"]
     assert schema["required"] == ["text"]
     assert json.dumps(schema)
+
+
+def _readme_block(section: str, lang: str = "python") -> str:
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"```{lang}\n(.*?)```", body, re.S)
+    assert match, f"README's {section!r} section has no {lang} block"
+    return match.group(1)
+
+
+class CliServer:
+    """`treegym serve-env` as a user runs it (the README's command, on a free port)."""
+
+    def __init__(self, extra=()):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "treegym.cli", "serve-env", "--env", "TreeSearchQA-v0",
+                                      "--port", str(self.port), *extra], stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("serve-env did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def test_readme_openenv_example_runs_against_serve_env(capsys):
+    command = _readme_block("Use treegym from OpenEnv", "bash").split("#")[0].split()
+    assert command[:4] == ["treegym", "serve-env", "--env", "TreeSearchQA-v0"]
+    server = CliServer(extra=[a for a in command[4:] if a not in ("--port", "8000")])
+    try:
+        code = _readme_block("Use treegym from OpenEnv").replace("http://127.0.0.1:8000", server.url)
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        assert namespace["budget"].leaves == 12
+        assert capsys.readouterr().out.split() == ["0.0", "True", "12"]
+        assert httpx.get(server.url + "/treegym").json()["sessions"] == 0  # the rollout's forks were freed
+    finally:
+        server.stop()

@@ -74,9 +74,21 @@ def test_policy_endpoint_speaks_openai_chat(model_url):
 
 
 @pytest.mark.slow
-def test_verifiers_evaluates_8_treegym_episodes_with_the_tiny_model(env_url, model_url, tmp_path):
-    episodes = tg_vf.evaluate(env_url, model_url, seeds=range(8), output_dir=str(tmp_path), max_tokens=48)
-    assert len(episodes) == 8
+def test_readme_example_verifiers_evaluates_8_treegym_episodes_with_the_tiny_model(tmp_path, monkeypatch, capsys):
+    """The README's example, as written, against `treegym serve-env` (its command) on free ports."""
+    from test_integrations_openenv import CliServer, _free_port, _readme_block
+    env = CliServer()
+    try:
+        model_port = _free_port()
+        code = (_readme_block("Use treegym from verifiers").replace("http://127.0.0.1:8000", env.url)
+                .replace("8001", str(model_port)))
+        monkeypatch.chdir(tmp_path)  # verifiers writes its outputs under the working directory
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        episodes = namespace["episodes"]
+    finally:
+        env.stop()
+    assert len(episodes) == 8 and capsys.readouterr().out.count(",") == 7
     local = gym.make("TreeSearchQA-v0")
     for ep in episodes:
         assert ep.ok and not ep.errors and ep.num_output_tokens > 0

@@ -28,10 +28,12 @@ torchforge, verifiers and others already speak; its RFC 002 leaves branching an 
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import importlib.metadata
 import json
 import secrets
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -538,6 +540,13 @@ def make_app(env_id: str = "TreeSearchQA-v0", limits: ServerLimits = ServerLimit
 # Clients
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every client: httpx builds a new one (loading the CA bundle, ~30 ms) per
+    client otherwise, and every fork makes a client."""
+    return ssl.create_default_context()
+
+
 def _raise_for(response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
@@ -597,7 +606,7 @@ class TreeGymEnvClient(EnvClient[TreeGymAction, TreeGymObservation, TreeGymState
     # -- HTTP transport -----------------------------------------------------------------------------
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self._http is None:
-            self._http = httpx.AsyncClient(base_url=self._base_url, timeout=self._http_timeout)
+            self._http = httpx.AsyncClient(base_url=self._base_url, timeout=self._http_timeout, verify=_tls())
         return _raise_for(await self._http.post(path, json=body))
 
     def _need_session(self) -> str:
@@ -622,7 +631,7 @@ class TreeGymEnvClient(EnvClient[TreeGymAction, TreeGymObservation, TreeGymState
         if self.transport == "ws":
             return await super()._state_async()
         if self._http is None:
-            self._http = httpx.AsyncClient(base_url=self._base_url, timeout=self._http_timeout)
+            self._http = httpx.AsyncClient(base_url=self._base_url, timeout=self._http_timeout, verify=_tls())
         return self._parse_state(_raise_for(await self._http.get(f"/sessions/{self._need_session()}")))
 
     async def _tool(self, name: str, **arguments: Any) -> dict[str, Any]:
@@ -712,7 +721,7 @@ class RemoteEnv(ForkableEnv):
 
     def __init__(self, base_url: str, session_id: str | None = None, *, timeout_s: float = 60.0,
                  _http: httpx.Client | None = None, _info: dict[str, Any] | None = None):
-        self._http = _http or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+        self._http = _http or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, verify=_tls())
         self.base_url = base_url
         self._server = _info or _raise_for(self._http.get("/treegym"))
         self.session_id = session_id

@@ -12,6 +12,8 @@ import time
 
 import gymnasium as gym
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("openenv", reason='needs pip install "treegym[openenv]"')
 
@@ -286,3 +288,38 @@ def test_readme_openenv_example_runs_against_serve_env(capsys):
         assert httpx.get(server.url + "/treegym").json()["sessions"] == 0  # the rollout's forks were freed
     finally:
         server.stop()
+
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("step"), st.sampled_from(ACTIONS + ["<search> Paris </search>", "", "<answer></answer>"])),
+    st.tuples(st.just("snapshot"), st.just(None)),
+    st.tuples(st.just("restore"), st.integers(0, 5)),
+    st.tuples(st.just("fork"), st.just(None))), max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 50), ops=_OPS)
+def test_served_forks_snapshots_and_restores_match_in_process(served, local, seed, ops):
+    """Any interleaving of steps, snapshots, restores and forks on a served env (RemoteEnv, as the
+    rollouts use it) gives exactly what the same calls give in-process."""
+    remote, mine = RemoteEnv(served.url), treegym.fork(local)
+    got, want = [remote.reset(seed=seed)[0]], [mine.reset(seed=seed)[0]]
+    snaps: list = []
+    for op, arg in ops:
+        if op == "step":
+            for env, out in ((remote, got), (mine, want)):
+                try:
+                    obs, r, term, trunc, _ = env.step(arg)
+                    out.append((obs, float(r), term, trunc))
+                except gym.error.ResetNeeded:
+                    out.append("reset-needed")
+        elif op == "snapshot":
+            snaps.append((treegym.snapshot(remote), treegym.snapshot(mine)))
+        elif op == "restore" and snaps:
+            a, b = snaps[arg % len(snaps)]
+            treegym.restore(remote, a)
+            treegym.restore(mine, b)
+        elif op == "fork":
+            remote, mine = treegym.fork(remote), treegym.fork(mine)
+        assert got == want
+    assert remote.state.transcript == treegym.envs.core.unwrapped_forkable(mine).state.transcript

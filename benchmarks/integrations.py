@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -40,14 +39,6 @@ ROOT = Path(__file__).resolve().parent
 ACTIONS = ("<search> capital city </search>", "no tags", "<search> born in </search>", "<answer> x </answer>")
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -55,25 +46,15 @@ def _rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-class _Server:
-    def __init__(self, max_sessions: int):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "treegym.cli", "serve-env", "--env", "TreeSearchQA-v0",
-                                      "--port", str(self.port), "--max-sessions", str(max_sessions)],
-                                     stderr=subprocess.DEVNULL)
-        import httpx
-        for _ in range(600):
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("serve-env did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
+def _mean_fork_s(forker, n: int) -> float:
+    """Mean wall seconds of `forker()` (its result's close() is not timed)."""
+    total = 0.0
+    for _ in range(n):
+        t = time.perf_counter()
+        child = forker()
+        total += time.perf_counter() - t
+        child.close()
+    return total / n
 
 
 def _episodes(step: Callable[[str], object], reset: Callable[[int], object], n: int) -> list:
@@ -97,12 +78,12 @@ def _best_rate(step, reset, n_eps: int, rounds: int = 3) -> tuple[float, list]:
 
 
 def part_openenv(args) -> str:
-    from treegym.integrations.openenv import RemoteEnv, TreeGymEnvClient
+    from treegym.integrations.openenv import RemoteEnv, ServeEnvProcess, TreeGymEnvClient
 
     n_eps = 25 if args.quick else 100
     load_steps = 200 if args.quick else 1000
     local = gym.make("TreeSearchQA-v0")
-    server = _Server(max_sessions=512)
+    server = ServeEnvProcess("TreeSearchQA-v0", ["--max-sessions", "512"])
     lines = ["## OpenEnv server (`treegym serve-env`, openenv via `TreeGymEnvClient`)", ""]
     try:
         # -- steps/s on the same episodes ------------------------------------------------------
@@ -160,22 +141,10 @@ def part_openenv(args) -> str:
             with TreeGymEnvClient(server.url, transport=transport) as c:
                 c.reset(seed=1)
                 c.step(ACTIONS[0])
-                total = 0.0
-                for _ in range(n_forks):
-                    t = time.perf_counter()
-                    child = c.fork()
-                    total += time.perf_counter() - t
-                    child.close()
-                forks[f"{transport} client.fork()"] = total / n_forks
+                forks[f"{transport} client.fork()"] = _mean_fork_s(c.fork, n_forks)
         remote.reset(seed=1)
         remote.step(ACTIONS[0])
-        total = 0.0
-        for _ in range(n_forks):
-            t = time.perf_counter()
-            child = remote.fork()
-            total += time.perf_counter() - t
-            child.close()
-        forks["http RemoteEnv.fork() (pooled connection)"] = total / n_forks
+        forks["http RemoteEnv.fork() (pooled connection)"] = _mean_fork_s(remote.fork, n_forks)
         remote.close()
         lines += ["", f"Fork round trip (mean of {n_forks}; a client's fork() includes opening the new "
                   "client (its own connection and event-loop thread), RemoteEnv.fork() is one POST):", "", "| path | ms per fork | vs in-process |", "|---|---:|---:|"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
-import importlib.metadata
 import json
 import secrets
 import ssl
@@ -38,27 +37,17 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-SUPPORTED = ">=0.4.1,<0.4.2"  # keep in step with pyproject's `openenv` extra
+from treegym.integrations._common import check_version
+
+SUPPORTED = ("0.4.1", "0.4.2")  # [low, high): keep in step with pyproject's `openenv` extra
 
 
 def _check_openenv() -> str:
-    """The installed OpenEnv version, or an ImportError naming the extra and the tested range.
-
-    openenv-core (<= 0.3.0) was renamed `openenv`; verifiers 0.4's OpenEnv taskset needs
-    openenv >= 0.4.1, and 0.4.1 is the one release that installs beside verifiers 0.4.0.
-    """
-    try:
-        version = importlib.metadata.version("openenv")
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError(f'treegym.integrations.openenv needs OpenEnv: pip install "treegym[openenv]" '
-                          f"(openenv{SUPPORTED})") from None
-    from packaging.version import Version
-    if not Version("0.4.1") <= Version(version) < Version("0.4.2"):
-        raise ImportError(f"treegym.integrations.openenv supports openenv{SUPPORTED}; found openenv "
-                          f'{version}. Install the tested range: pip install "treegym[openenv]"')
-    return version
+    """openenv-core (<= 0.3.0) was renamed `openenv`; verifiers 0.4's OpenEnv taskset needs
+    openenv >= 0.4.1, and 0.4.1 is the one release that installs beside verifiers 0.4.0."""
+    return check_version("openenv", *SUPPORTED, module="treegym.integrations.openenv", extra="openenv")
 
 
 OPENENV_VERSION = _check_openenv()
@@ -817,6 +806,49 @@ class RemoteEnv(ForkableEnv):
             pass
 
 
+class ServeEnvProcess:
+    """`treegym serve-env` in a child process on a free 127.0.0.1 port, for scripts and tests:
+    `with ServeEnvProcess("TreeSearchQA-v0", ["--data", "synthetic:multihop"]) as s: s.url`."""
+
+    def __init__(self, env_id: str = "TreeSearchQA-v0", args: Sequence[str] = (), *, timeout_s: float = 60.0):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        import tempfile
+        self._log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a full pipe would stall the server
+        self.proc = subprocess.Popen([sys.executable, "-m", "treegym.cli", "serve-env", "--env", env_id,
+                                      "--port", str(self.port), *args], stderr=self._log)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"serve-env exited with {self.proc.returncode}: {self._log.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"serve-env did not answer on {self.url} within {timeout_s:g} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self._log.close()
+
+    def __enter__(self) -> ServeEnvProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 # ----------------------------------------------------------------------------------------------
 # `treegym serve-env`
 
@@ -893,4 +925,4 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 __all__ = ["TreeGymAction", "TreeGymObservation", "TreeGymState", "TreeGymEnvironment", "SessionStore",
            "ServerLimits", "RequestError", "make_app", "TreeGymEnvClient", "RemoteEnv", "RemoteState",
-           "RemoteEnvError", "SUPPORTED", "cli_main"]
+           "RemoteEnvError", "ServeEnvProcess", "SUPPORTED", "cli_main"]

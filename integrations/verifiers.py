@@ -20,27 +20,19 @@ the token sequence it sees in a treegym episode (prompt through `encode_prompt`,
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import asyncio
 import time
 import uuid
 from typing import Any, Iterable, Sequence
 
-SUPPORTED = ">=0.4.0,<0.5"  # keep in step with pyproject's `verifiers` extra
+from treegym.integrations._common import check_version
+
+SUPPORTED = ("0.4.0", "0.5")  # [low, high): keep in step with pyproject's `verifiers` extra (the v1 stack)
 
 
 def _check_verifiers() -> str:
-    try:
-        version = importlib.metadata.version("verifiers")
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError(f'treegym.integrations.verifiers needs verifiers: pip install "treegym[verifiers]" '
-                          f"(verifiers{SUPPORTED})") from None
-    from packaging.version import Version
-    if not Version("0.4.0") <= Version(version) < Version("0.5"):
-        raise ImportError(f"treegym.integrations.verifiers supports verifiers{SUPPORTED} (the v1 stack); found "
-                          f'verifiers {version}. Install the tested range: pip install "treegym[verifiers]"')
-    return version
+    return check_version("verifiers", *SUPPORTED, module="treegym.integrations.verifiers", extra="verifiers")
 
 
 VERIFIERS_VERSION = _check_verifiers()

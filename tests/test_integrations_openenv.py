@@ -24,8 +24,8 @@ from openenv import GenericEnvClient  # noqa: E402
 import treegym  # noqa: E402
 from treegym.agents import RandomPolicy  # noqa: E402
 from treegym.integrations import openenv as tg_openenv  # noqa: E402
-from treegym.integrations.openenv import (RemoteEnv, RemoteEnvError, ServerLimits, TreeGymEnvClient,  # noqa: E402
-                                          make_app)
+from treegym.integrations.openenv import (RemoteEnv, RemoteEnvError, ServeEnvProcess, ServerLimits,  # noqa: E402
+                                          TreeGymEnvClient, make_app)
 from treegym.tree import rollout  # noqa: E402
 
 ACTIONS = ["<search> capital </search>", "no tags at all", "<search> born </search>", "<answer> x </answer>"]
@@ -254,31 +254,10 @@ def _readme_block(section: str, lang: str = "python") -> str:
     return match.group(1)
 
 
-class CliServer:
-    """`treegym serve-env` as a user runs it (the README's command, on a free port)."""
-
-    def __init__(self, extra=()):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "treegym.cli", "serve-env", "--env", "TreeSearchQA-v0",
-                                      "--port", str(self.port), *extra], stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("serve-env did not start")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
 def test_readme_openenv_example_runs_against_serve_env(capsys):
     command = _readme_block("Use treegym from OpenEnv", "bash").split("#")[0].split()
     assert command[:4] == ["treegym", "serve-env", "--env", "TreeSearchQA-v0"]
-    server = CliServer(extra=[a for a in command[4:] if a not in ("--port", "8000")])
+    server = ServeEnvProcess(command[3], [a for a in command[4:] if a not in ("--port", "8000")])
     try:
         code = _readme_block("Use treegym from OpenEnv").replace("http://127.0.0.1:8000", server.url)
         namespace: dict = {}

@@ -18,7 +18,7 @@ pytest.importorskip("openenv", reason='needs pip install "treegym[openenv]"')
 import uvicorn  # noqa: E402
 
 from treegym.integrations import verifiers as tg_vf  # noqa: E402
-from treegym.integrations.openenv import make_app  # noqa: E402
+from treegym.integrations.openenv import ServeEnvProcess, make_app  # noqa: E402
 
 WARMSTART = Path(__file__).resolve().parent.parent / "train" / "warmstart"
 
@@ -76,8 +76,8 @@ def test_policy_endpoint_speaks_openai_chat(model_url):
 @pytest.mark.slow
 def test_readme_example_verifiers_evaluates_8_treegym_episodes_with_the_tiny_model(tmp_path, monkeypatch, capsys):
     """The README's example, as written, against `treegym serve-env` (its command) on free ports."""
-    from test_integrations_openenv import CliServer, _free_port, _readme_block
-    env = CliServer()
+    from test_integrations_openenv import _free_port, _readme_block
+    env = ServeEnvProcess()
     try:
         model_port = _free_port()
         code = (_readme_block("Use treegym from verifiers").replace("http://127.0.0.1:8000", env.url)

@@ -234,6 +234,9 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def __contains__(self, sid: object) -> bool:
+        return sid in self._sessions
+
     # -- episode calls --------------------------------------------------------------------------
     def reset(self, sid: str, seed: int | None, task_id: str | None) -> TreeGymObservation:
         sess = self.get(sid)
@@ -363,7 +366,7 @@ class TreeGymEnvironment(Environment[TreeGymAction, TreeGymObservation, TreeGymS
         self.mcp_client = _ExtensionTools(self) if self._owns else None
 
     def _own(self) -> str:
-        if self.session_id is None or self.session_id not in self._store._sessions:
+        if self.session_id is None:
             self.session_id = self._store.create()
         return self.session_id
 
@@ -378,6 +381,8 @@ class TreeGymEnvironment(Environment[TreeGymAction, TreeGymObservation, TreeGymS
             if session_id is not None and session_id != self.session_id:
                 raise RequestError(400, "bad_reset", "a WebSocket connection is its own session; to continue "
                                    "another session use the fork_from tool")
+            if self.session_id is not None and self.session_id not in self._store:
+                self.session_id = None  # expired while idle: a reset starts a fresh one
             sid = self._own()
         else:
             sid = session_id if session_id is not None else self._store.create()
@@ -387,7 +392,7 @@ class TreeGymEnvironment(Environment[TreeGymAction, TreeGymObservation, TreeGymS
         if self._owns:
             if self.session_id is None:
                 raise RequestError(409, "reset_needed", "call reset before step")
-            sid = self.session_id
+            sid = self.session_id  # if it expired meanwhile, the store says so (404)
         else:
             sid = session_id
         return self._store.step(sid, action.text)
@@ -418,9 +423,11 @@ class TreeGymEnvironment(Environment[TreeGymAction, TreeGymObservation, TreeGymS
                            + ", ".join(t["name"] for t in _TOOLS))
 
     def close(self) -> None:
+        # OpenEnv calls this when the socket closes (however it closes) and when its idle reaper
+        # drops the connection's session; keep the id so a later message hears "expired", not
+        # "call reset".
         if self._owns and self.session_id is not None:
             self._store.close(self.session_id)
-            self.session_id = None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -204,6 +204,10 @@ def test_websocket_errors_dropped_sockets_and_limits():
             with pytest.raises(RemoteEnvError, match="stale"):
                 c.restore(c.snapshot().split(".")[0] + ".gone")
             assert c.step("<search> x </search>").done is False  # the session survived
+            time.sleep(0.7)  # idle past the timeout: the connection's session expires
+            with pytest.raises(RuntimeError, match="expired"):
+                c.step("<search> x </search>")
+            assert "Question:" in c.reset(seed=0).observation.text  # a reset opens a fresh one
         assert _wait_sessions(s.store, 0) == 0
         # a socket that drops mid-episode frees its session
         code = (f"from treegym.integrations.openenv import TreeGymEnvClient\n"

@@ -209,6 +209,17 @@ def test_websocket_errors_dropped_sockets_and_limits():
                 c.step("<search> x </search>")
             assert "Question:" in c.reset(seed=0).observation.text  # a reset opens a fresh one
         assert _wait_sessions(s.store, 0) == 0
+        # malformed JSON on a socket: an error message to that client, and the socket keeps working
+        from websockets.sync.client import connect
+        with connect(s.url.replace("http://", "ws://") + "/ws") as ws:
+            ws.send("{not json")
+            err = json.loads(ws.recv())
+            assert err["type"] == "error" and err["data"]["code"] == "INVALID_JSON"
+            ws.send(json.dumps({"type": "step", "data": {"text": "x", "bogus": 1}}))
+            assert json.loads(ws.recv())["type"] == "error"
+            ws.send(json.dumps({"type": "reset", "data": {"seed": 2}}))
+            assert "Question:" in json.loads(ws.recv())["data"]["observation"]["text"]
+        assert _wait_sessions(s.store, 0) == 0
         # a socket that drops mid-episode frees its session
         code = (f"from treegym.integrations.openenv import TreeGymEnvClient\n"
                 f"c = TreeGymEnvClient({s.url!r}).sync(); c.connect(); c.reset(seed=1)\n"

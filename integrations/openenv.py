@@ -712,7 +712,8 @@ class RemoteEnv(ForkableEnv):
     Gymnasium API (`reset` → (prompt, info), `step` → 5-tuple), so a tree rollout runs on it
     unchanged. The transcript is mirrored locally (the client saw every action and observation);
     `snapshot()` asks the server for a token, `restore()` sends it back, `fork()` opens a new
-    session — one HTTP round trip each. Forks share one HTTP connection pool.
+    session — one HTTP round trip each. Forks share one HTTP connection pool. A `RemoteEnv`
+    attached to an existing session (`session_id=`) mirrors its counters, not its past transcript.
     """
 
     def __init__(self, base_url: str, session_id: str | None = None, *, timeout_s: float = 60.0,

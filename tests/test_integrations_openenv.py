@@ -317,3 +317,34 @@ def test_served_forks_snapshots_and_restores_match_in_process(served, local, see
             remote, mine = treegym.fork(remote), treegym.fork(mine)
         assert got == want
     assert remote.state.transcript == treegym.envs.core.unwrapped_forkable(mine).state.transcript
+
+
+def test_concurrent_websocket_sessions_with_forks_stay_independent(served, local):
+    """4 clients at once, each stepping and forking its own episodes: every observation equals the
+    same actions in-process, and nothing is left open."""
+    before, errors = len(served.store), []
+
+    def job(k):
+        try:
+            mine = treegym.fork(local)
+            with TreeGymEnvClient(served.url) as c:
+                for ep in range(3):
+                    seed = 100 * k + ep
+                    assert c.reset(seed=seed).observation.text == mine.reset(seed=seed)[0]
+                    for i, a in enumerate(ACTIONS):
+                        if i == 1:
+                            branch, twin = c.fork(), treegym.fork(mine)
+                            assert branch.step(ACTIONS[-1]).reward == twin.step(ACTIONS[-1])[1]
+                            branch.close()
+                        r, want = c.step(a), mine.step(a)
+                        assert (r.observation.text, r.reward) == (want[0], want[1])
+        except Exception as exc:  # reported below with the client number
+            errors.append(f"client {k}: {exc!r}")
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert _wait_sessions(served.store, before) == before

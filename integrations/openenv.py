@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
+import importlib.metadata
 import json
 import secrets
 import ssl
@@ -47,7 +48,15 @@ SUPPORTED = ("0.4.1", "0.4.2")  # [low, high): keep in step with pyproject's `op
 def _check_openenv() -> str:
     """openenv-core (<= 0.3.0) was renamed `openenv`; verifiers 0.4's OpenEnv taskset needs
     openenv >= 0.4.1, and 0.4.1 is the one release that installs beside verifiers 0.4.0."""
-    return check_version("openenv", *SUPPORTED, module="treegym.integrations.openenv", extra="openenv")
+    try:
+        return check_version("openenv", *SUPPORTED, module="treegym.integrations.openenv", extra="openenv")
+    except ImportError as exc:
+        try:
+            old = importlib.metadata.version("openenv-core")
+        except importlib.metadata.PackageNotFoundError:
+            raise exc from None
+        raise ImportError(f"{exc} (found openenv-core {old}: OpenEnv's package before its rename; "
+                          "uninstall it first, both install the `openenv` module)") from None
 
 
 OPENENV_VERSION = _check_openenv()
@@ -478,7 +487,9 @@ def _replay(first: dict, then=None):
 def make_app(env_id: str = "TreeSearchQA-v0", limits: ServerLimits = ServerLimits(), **make_kwargs: Any):
     """The FastAPI app: OpenEnv's `create_app` around a `SessionStore`, plus the fork routes.
 
-    Raises (at start, not per request) whatever `gym.make(env_id, **make_kwargs)` raises.
+    Raises (at start, not per request) whatever `gym.make(env_id, **make_kwargs)` raises. Serve it
+    with `uvicorn.run(app, ws_max_size=limits.max_request_bytes)` to bound WebSocket messages too
+    (`treegym serve-env` does).
     """
     store = SessionStore(env_id, make_kwargs, limits)
 

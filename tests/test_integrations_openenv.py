@@ -252,6 +252,14 @@ def test_openenv_version_outside_the_range_names_it(monkeypatch):
     with pytest.raises(ImportError, match=r"openenv>=0\.4\.1,<0\.4\.2.*found openenv 0\.10\.0"):
         tg_openenv._check_openenv()
 
+    def only_openenv_core(name):
+        if name == "openenv-core":
+            return "0.3.0"
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", only_openenv_core)
+    with pytest.raises(ImportError, match=r"openenv>=0\.4\.1,<0\.4\.2.*openenv-core 0\.3\.0"):
+        tg_openenv._check_openenv()
+
 
 def test_schema_has_one_required_text_field(served):
     schema = httpx.get(f"{served.url}/schema").json()["action"]

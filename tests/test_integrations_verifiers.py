@@ -104,3 +104,10 @@ def test_readme_example_verifiers_evaluates_8_treegym_episodes_with_the_tiny_mod
             _, r, term, trunc, _ = local.step(reply.strip())
             total, done = total + float(r), term or trunc
         assert trace.rewards["openenv_reward"].score == pytest.approx(total)
+
+
+def test_verifiers_version_outside_the_range_names_it(monkeypatch):
+    import importlib.metadata
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.9")
+    with pytest.raises(ImportError, match=r"verifiers>=0\.4\.0,<0\.5.*found verifiers 0\.1\.9"):
+        tg_vf._check_verifiers()

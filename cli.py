@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("treegym.envs.data.synthetic:cli_main", "generate the synthetic world (corpus, QA parquet, site)"),
     "index": ("treegym.retrieval_index.cli:main", "build / search / evaluate a retrieval index"),
     "serve-retriever": ("treegym.retrieval_index.server:cli_main", "serve an index with Search-R1's /retrieve API"),
+    "serve-env": ("treegym.integrations.openenv:cli_main", "serve an env through OpenEnv (HTTP + WebSocket) with fork/snapshot/restore"),
     "tiny-model": ("treegym.agents.tiny:cli_main", "build the tokenizer and tiny causal LM from a world"),
     "view": ("treegym.tree.view:cli_main", "render sampled trees (jsonl) as a self-contained HTML page"),
     "sft": ("treegym.train.sft:cli_main", "warm-start a model on oracle transcripts"),

@@ -284,6 +284,8 @@ def _stack(env: gym.Env) -> tuple[list[gym.Env], ForkableEnv]:
     while isinstance(node, gym.Wrapper):
         wrappers.append(node)
         node = node.env
+    if not isinstance(node, ForkableEnv) and callable(getattr(node, "__treegym_env__", None)):
+        node = node.__treegym_env__()  # a client of a served env (treegym.integrations.openenv)
     if not isinstance(node, ForkableEnv):
         raise TypeError(f"{type(node).__name__} is not a treegym ForkableEnv; only treegym envs can "
                         "be snapshotted and forked")

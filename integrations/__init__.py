@@ -1,4 +1,6 @@
-"""Adapters to the tools people already use (one module per library, each behind its own extra).
+"""Adapters to the tools people already use, one module per library, each behind its own extra.
 
-Nothing in treegym imports this package; each module imports only its own library.
+Nothing in treegym imports this package, and importing it imports no adapter: `import
+treegym.integrations.openenv` needs `pip install "treegym[openenv]"`, `treegym.integrations.trl`
+needs `treegym[trl]`, and so on (each module's ImportError names its extra).
 """

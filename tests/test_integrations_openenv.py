@@ -27,6 +27,7 @@ from treegym.integrations import openenv as tg_openenv  # noqa: E402
 from treegym.integrations.openenv import (RemoteEnv, RemoteEnvError, ServeEnvProcess, ServerLimits,  # noqa: E402
                                           TreeGymEnvClient, make_app)
 from treegym.tree import rollout  # noqa: E402
+from readme_example import readme_example  # noqa: E402
 
 ACTIONS = ["<search> capital </search>", "no tags at all", "<search> born </search>", "<answer> x </answer>"]
 
@@ -267,22 +268,12 @@ def test_schema_has_one_required_text_field(served):
     assert json.dumps(schema)
 
 
-def _readme_block(section: str, lang: str = "python") -> str:
-    import re
-    from pathlib import Path
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
-    match = re.search(rf"```{lang}\n(.*?)```", body, re.S)
-    assert match, f"README's {section!r} section has no {lang} block"
-    return match.group(1)
-
-
 def test_readme_openenv_example_runs_against_serve_env(capsys):
-    command = _readme_block("Use treegym from OpenEnv", "bash").split("#")[0].split()
+    command = readme_example("Use treegym from OpenEnv", "bash").split("#")[0].split()
     assert command[:4] == ["treegym", "serve-env", "--env", "TreeSearchQA-v0"]
     server = ServeEnvProcess(command[3], [a for a in command[4:] if a not in ("--port", "8000")])
     try:
-        code = _readme_block("Use treegym from OpenEnv").replace("http://127.0.0.1:8000", server.url)
+        code = readme_example("Use treegym from OpenEnv").replace("http://127.0.0.1:8000", server.url)
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)
         assert namespace["budget"].leaves == 12

@@ -76,11 +76,12 @@ def test_policy_endpoint_speaks_openai_chat(model_url):
 @pytest.mark.slow
 def test_readme_example_verifiers_evaluates_8_treegym_episodes_with_the_tiny_model(tmp_path, monkeypatch, capsys):
     """The README's example, as written, against `treegym serve-env` (its command) on free ports."""
-    from test_integrations_openenv import _free_port, _readme_block
+    from readme_example import readme_example
+    from test_integrations_openenv import _free_port
     env = ServeEnvProcess()
     try:
         model_port = _free_port()
-        code = (_readme_block("Use treegym from verifiers").replace("http://127.0.0.1:8000", env.url)
+        code = (readme_example("Use treegym from verifiers").replace("http://127.0.0.1:8000", env.url)
                 .replace("8001", str(model_port)))
         monkeypatch.chdir(tmp_path)  # verifiers writes its outputs under the working directory
         namespace: dict = {}

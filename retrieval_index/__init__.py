@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from treegym.paths import treegym_home
 from treegym.retrieval_index.base import Hit, Retriever
 from treegym.retrieval_index.cache import CachedRetriever
 from treegym.retrieval_index.corpus import CorpusFormatError, corpus_sha256, iter_corpus, parse_contents
@@ -77,11 +78,6 @@ def load_index(out_dir: str | os.PathLike[str], *, expect_corpus_sha256: str | N
     return _backend(manifest.kind, "load")(out_dir, manifest, **opts)
 
 
-def _home() -> Path:
-    # Same rule as treegym.envs.data.paths.treegym_home(); retrieval_index never imports envs.
-    return Path(os.environ.get("TREEGYM_HOME") or Path.home() / ".cache" / "treegym").expanduser()
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Inter-process lock (fcntl), so parallel envs/processes build a default index once."""
@@ -127,7 +123,7 @@ def default_index(corpus_path: str | os.PathLike[str], kind: str = "bm25", **opt
     corpus_path = Path(corpus_path)
     if not corpus_path.is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus_path}")
-    root = _home() / "indexes"
+    root = treegym_home() / "indexes"
     sha = _cached_sha256(corpus_path, root)
     # The format version is in the name so an index cached by an older treegym is never picked up;
     # a cached index that still fails to load (a crash, a hand edit) is rebuilt, not fatal: this

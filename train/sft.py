@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from treegym.agents.base import GenResult
+from treegym.agents.episode import Engine, env_stop_strings, play, start_episode
+from treegym.envs.core import fork
+
 WARMSTART_DIR = Path(__file__).resolve().parent / "warmstart"
 
 
@@ -62,27 +66,31 @@ def oracle_plan(env: Any, dataset: Any) -> Any:
 def oracle_transcripts(env: Any, tasks: Sequence[Any], policy: Any, plan: Any
                        ) -> list[tuple[list[int], list[int]]]:
     """(ids, action_mask) of one oracle episode per task, tokenized segment by segment;
-    `plan(task)` gives the actions (`oracle_plan`)."""
-    from treegym import fork
+    `plan(task)` gives the actions (`oracle_plan`).
 
-    out = []
-    for task in tasks:
-        e = fork(env)
-        obs, _ = e.reset(options={"task_id": task.id})
-        ids = list(policy.encode_prompt(obs))
-        mask = [0] * len(ids)
-        for act in plan(task):
-            obs, reward, term, trunc, _ = e.step(act)
-            a = policy.encode(act)
-            ids += a
-            mask += [1] * len(a)
-            if term or trunc:
-                break
-            o = policy.encode(obs)
-            ids += o
-            mask += [0] * len(o)
-        out.append((ids, mask))
-    return out
+    The episodes run on the one episode engine, with the plan standing in for `generate`: each
+    action is `policy.encode`d (mask 1) and executed as written, each observation encoded once
+    (mask 0), exactly as a rollout assembles its ids."""
+    plans = [list(plan(task)) for task in tasks]
+    slots = [start_episode(policy, fork(env), options={"task_id": task.id}, task=task, index=i)
+             for i, task in enumerate(tasks)]
+
+    def act(ready: Sequence[Any], requests: Sequence[Any]) -> list[GenResult]:
+        out = []
+        for s in ready:
+            acts = plans[s.index]
+            if s.turn >= len(acts):
+                raise ValueError(f"the oracle plan of task {s.task.id!r} ended after {len(acts)} "
+                                 "actions but its episode did not")
+            text = acts[s.turn]
+            ids = list(policy.encode(text))
+            out.append(GenResult(token_ids=ids, logprobs=[0.0] * len(ids), text=text,
+                                 finish_reason="stop"))
+        return out
+
+    engine = Engine(policy, stop=env_stop_strings(env), max_new_tokens=1 << 30,
+                    max_turns=max((len(p) for p in plans), default=0) + 1, fit_context=False)
+    return [(ep.token_ids, ep.action_mask) for ep in play(engine, slots, act=act)]
 
 
 def passage_texts(dataset: Any, policy: Any, per_block: int = 3, seed: int = 0) -> list[list[int]]:

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import gymnasium as gym
+import torch
 
 from treegym.agents.episode import Engine, Episode, env_stop_strings, play, start_episode
+from treegym.agents.hf import HFPolicy
 from treegym.envs.core import fork
 
 
@@ -134,10 +136,6 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     a = p.parse_args(list(argv) if argv is not None else None)
-    import torch
-
-    from treegym.agents.hf import HFPolicy
-
     if a.threads:
         torch.set_num_threads(a.threads)
     try:

@@ -24,14 +24,28 @@ import argparse
 import hashlib
 import json
 import random
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from transformers import AutoTokenizer
+
 from treegym.agents.base import GenResult
 from treegym.agents.episode import Engine, env_stop_strings, play, start_episode
+from treegym.agents.hf import HFPolicy
+from treegym.agents.scripted import OraclePolicy
+from treegym.agents.tiny import WEB_TAGS, add_tags, build_tiny_model, corpus_titles
 from treegym.envs.core import fork
+from treegym.envs.data import resolve_dataset
+from treegym.envs.protocol import format_docs, make_prompt
+from treegym.envs.web_agent import oracle_actions
+from treegym.retrieval_index import Hit, iter_corpus
+from treegym.train.evaluate import evaluate, make_env, select_tasks
+from treegym.train.modeling import warmup_lambda
 
 WARMSTART_DIR = Path(__file__).resolve().parent / "warmstart"
 
@@ -41,20 +55,14 @@ def oracle_plan(env: Any, dataset: Any) -> Any:
     the answer; for TreeWebAgent-v0 the gold browsing path (`web_agent.oracle_actions`: search,
     click the result, click along the links, answer). The web oracle's `<think>` sentences are dropped so both
     envs' transcripts teach bare tool calls (the tiny model's action budget is ~30 tokens)."""
-    import re
-
     base = env.unwrapped
     max_calls = int(base.max_tool_calls)
     if getattr(base, "site", None) is not None:
-        from treegym.envs.web_agent import oracle_actions
-
         def web(task: Any) -> list[str]:
             path = oracle_actions(base.site, task, search=base.result_urls)  # clicks the found result
             acts = [re.sub(r"<think>.*?</think>\s*", "", a, flags=re.S) for a in path]
             return acts[:max_calls] + acts[-1:] if len(acts) > max_calls + 1 else acts
         return web
-    from treegym.agents.scripted import OraclePolicy
-
     oracle = OraclePolicy(dataset, max_searches=max_calls)
 
     def qa(task: Any) -> list[str]:
@@ -95,9 +103,6 @@ def oracle_transcripts(env: Any, tasks: Sequence[Any], policy: Any, plan: Any
 
 def passage_texts(dataset: Any, policy: Any, per_block: int = 3, seed: int = 0) -> list[list[int]]:
     """Corpus passages in the env's search-result format, `per_block` per sequence."""
-    from treegym.envs.protocol import format_docs
-    from treegym.retrieval_index import Hit, iter_corpus
-
     docs = [Hit(doc_id, 0.0, title, text) for doc_id, title, text in iter_corpus(dataset.corpus_path)]
     random.Random(seed).shuffle(docs)
     blocks = []
@@ -118,8 +123,6 @@ def _batches(n: int, batch: int, rng: random.Random):
 
 
 def _lm_batch(rows: list[tuple[list[int], list[int]]], pad: int, action_only: bool):
-    import torch
-
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     att = torch.zeros((len(rows), width), dtype=torch.long)
@@ -146,8 +149,6 @@ def selected_lm_loss(model: Any, ids: Any, att: Any, labels: Any) -> Any:
     logits of every position dominate a tiny model's step; projecting only the labelled
     positions through the LM head is the same loss at a fraction of the cost.
     """
-    import torch
-
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if base is None or head is None:
         return model(input_ids=ids, attention_mask=att, labels=labels, use_cache=False).loss
@@ -175,21 +176,12 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
     whose tokenizer lacks the web tool tags gets them first (`agents.tiny.add_tags`, into
     `out/init`), which is how the web warm start is grown from the QA one.
     """
-    import torch
-
-    from treegym.agents.hf import HFPolicy
-    from treegym.train.evaluate import evaluate, make_env, select_tasks
-    from treegym.train.modeling import warmup_lambda
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     random.seed(seed)
     torch.manual_seed(seed)
     if model_dir is None:
-        from treegym.agents.tiny import build_tiny_model, corpus_titles
-        from treegym.envs.protocol import make_prompt
-
         model_dir = out / "init"
         build_tiny_model(dataset.corpus_path, model_dir,
                          entity_names=corpus_titles(dataset.corpus_path),
@@ -198,10 +190,6 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
                          max_position_embeddings=1024)
         log(f"built tiny model in {model_dir}")
     if env_id == "TreeWebAgent-v0":
-        from transformers import AutoTokenizer
-
-        from treegym.agents.tiny import WEB_TAGS, add_tags
-
         if not set(WEB_TAGS) <= set(AutoTokenizer.from_pretrained(model_dir).get_vocab()):
             # Five browsing turns run past the QA model's 1,024 positions (RoPE: no table to grow).
             model_dir = add_tags(model_dir, out / "init", WEB_TAGS, max_positions=2048)
@@ -307,8 +295,6 @@ WARMSTART_FILES = ("config.json", "generation_config.json", "model.safetensors",
 def install_warmstart(src: str | Path, dst: str | Path = WARMSTART_DIR, commit: str = "") -> Path:
     """Copy a finished SFT directory to the committed warm-start location with a README that
     records its sha256, the command and the commit it was built from."""
-    import shutil
-
     src, dst = Path(src), Path(dst)
     meta = json.loads((src / "sft_meta.json").read_text())
     digest = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
@@ -378,10 +364,6 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(list(argv) if argv is not None else None)
-    import torch
-
-    from treegym.envs.data import resolve_dataset
-
     torch.set_num_threads(max(1, a.threads))
     try:
         ds = resolve_dataset(a.world)

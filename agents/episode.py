@@ -301,6 +301,7 @@ class _EpisodeSlot(Slot):
     task: Any = None
     sample: int = 0
     index: int = 0
+    prompt_len: int = 0
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     entropies: list[float] | None = None
@@ -322,7 +323,8 @@ def start_episode(policy: Policy, env: Any, *, seed: int | None = None, options:
     core = getattr(env, "unwrapped", env)
     task = getattr(core, "task", None) or task
     return _EpisodeSlot(env=env, context=list(prompt_ids), seed=sample_seed, task=task,
-                        sample=sample, index=index, mask=[0] * len(prompt_ids),
+                        sample=sample, index=index, prompt_len=len(prompt_ids),
+                        mask=[0] * len(prompt_ids),
                         logprobs=[0.0] * len(prompt_ids),
                         entropies=[0.0] * len(prompt_ids) if want_entropies else None,
                         pieces=[policy.decode(prompt_ids)])
@@ -330,7 +332,6 @@ def start_episode(policy: Policy, env: Any, *, seed: int | None = None, options:
 
 def play(engine: Engine, slots: Sequence[_EpisodeSlot], act: Act | None = None) -> list[Episode]:
     """Run episode slots on ``engine``; returns their `Episode`s in slot order."""
-    prompt_len = {id(s): len(s.context) for s in slots}
     policy = engine.policy
 
     def on_step(s: Slot, req: GenRequest, res: GenResult, turn: Turn) -> None:
@@ -364,9 +365,8 @@ def play(engine: Engine, slots: Sequence[_EpisodeSlot], act: Act | None = None) 
         last = s.turns[-1] if s.turns else None
         done_by_env = last is not None and (last.terminated or last.truncated)
         ids = s.context + (list(last.action_ids) if done_by_env else [])
-        prompt = s.context[:prompt_len[id(s)]]
         out.append(Episode(
-            prompt_ids=prompt, token_ids=ids, action_mask=s.mask, logprobs=s.logprobs,
+            prompt_ids=s.context[:s.prompt_len], token_ids=ids, action_mask=s.mask, logprobs=s.logprobs,
             transcript="".join(s.pieces), reward=last.reward if last is not None else 0.0,
             terminated=bool(last is not None and last.terminated),
             truncated=bool(s.cut is not None or (last is not None and last.truncated)),

@@ -176,7 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-TaskLoader = Callable[[str, "str | None"], list[Any]]
+TaskLoader = Callable[[str, str | None], list[Any]]
 
 
 def main(argv: Sequence[str] | None = None, load_tasks: TaskLoader | None = None) -> int:

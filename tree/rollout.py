@@ -1,8 +1,10 @@
 """Rollout samplers: chain (GRPO), Tree-GRPO and entropy-guided (TreeRL/EPTree) trees.
 
-All three share one engine: a set of *continuations* (an env fork restored to a node's state plus
-the token context so far) advanced in lock-step, ONE batched `policy.generate` call per turn for
-every continuation of every prompt and tree in the wave. Token ids are the truth: the prompt is
+All three run on the package's one episode engine (`agents.episode.Engine`, which evaluation, SFT
+data and `run_episode` share): a set of *continuations* (an env fork restored to a node's state
+plus the token context so far) advanced in lock-step, ONE batched `policy.generate` call per turn
+for every continuation of every prompt and tree in the wave; this module records each step as a
+tree `Node` and keeps the budget. Token ids are the truth: the prompt is
 encoded once with `policy.encode_prompt`, each observation once with `policy.encode`, and a
 continuation's next request is exactly the previous context + sampled ids + observation ids.
 
@@ -10,7 +12,8 @@ Branching restores `treegym.snapshot` states into `treegym.fork`ed envs, so a co
 touches its siblings, and its remaining tool budget (max − tool calls so far) is whatever the
 restored env state says.
 
-Seeds: every request's seed is derived from (seed, prompt index, tree, wave, slot, turn), every
+Seeds (`agents.episode.derive_seed`, the package's one derivation): every request's seed is
+derived from (seed, prompt index, tree, wave, slot, turn), every
 random expansion choice from (seed, prompt, tree, wave), so runs repeat exactly with a policy that
 honours `GenRequest.seed`, whatever the batch composition. `chain(G)` and the initial chains of
 `tree_grpo(M=G)` use the same seeds, so they sample the same trajectories. `prompt_index` names

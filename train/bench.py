@@ -279,6 +279,8 @@ def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = No
 
 
 def _plot(agg: list[dict], png: Path) -> None:
+    # Deferred on purpose: selecting the Agg backend at import time would change the backend of
+    # any program that merely imports this module.
     import matplotlib
 
     matplotlib.use("Agg")

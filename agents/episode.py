@@ -295,7 +295,7 @@ def check_results(results: Any, requests: Sequence[GenRequest], slots: Sequence[
 
 
 @dataclass
-class _EpisodeSlot(Slot):
+class EpisodeSlot(Slot):
     """A slot that records into an `Episode`'s aligned lists."""
 
     task: Any = None
@@ -316,13 +316,13 @@ class _EpisodeSlot(Slot):
 
 def start_episode(policy: Policy, env: Any, *, seed: int | None = None, options: dict | None = None,
                   sample_seed: tuple[Any, ...] | None = None, want_entropies: bool = False,
-                  task: Any = None, sample: int = 0, index: int = 0) -> _EpisodeSlot:
+                  task: Any = None, sample: int = 0, index: int = 0) -> EpisodeSlot:
     """Reset ``env`` (in place) and encode its prompt: a slot ready for `Engine.run`."""
     obs, _ = env.reset(seed=seed, options=options or None)
     prompt_ids = [int(t) for t in policy.encode_prompt(obs)]
     core = getattr(env, "unwrapped", env)
     task = getattr(core, "task", None) or task
-    return _EpisodeSlot(env=env, context=list(prompt_ids), seed=sample_seed, task=task,
+    return EpisodeSlot(env=env, context=list(prompt_ids), seed=sample_seed, task=task,
                         sample=sample, index=index, prompt_len=len(prompt_ids),
                         mask=[0] * len(prompt_ids),
                         logprobs=[0.0] * len(prompt_ids),
@@ -330,12 +330,12 @@ def start_episode(policy: Policy, env: Any, *, seed: int | None = None, options:
                         pieces=[policy.decode(prompt_ids)])
 
 
-def play(engine: Engine, slots: Sequence[_EpisodeSlot], act: Act | None = None) -> list[Episode]:
+def play(engine: Engine, slots: Sequence[EpisodeSlot], act: Act | None = None) -> list[Episode]:
     """Run episode slots on ``engine``; returns their `Episode`s in slot order."""
     policy = engine.policy
 
     def on_step(s: Slot, req: GenRequest, res: GenResult, turn: Turn) -> None:
-        assert isinstance(s, _EpisodeSlot)
+        assert isinstance(s, EpisodeSlot)
         n = len(turn.action_ids)
         s.mask += [1] * n
         s.logprobs += turn.action_logprobs
@@ -354,7 +354,7 @@ def play(engine: Engine, slots: Sequence[_EpisodeSlot], act: Act | None = None) 
         s.turns.append(turn)
 
     def on_end(s: Slot, reason: str) -> None:
-        assert isinstance(s, _EpisodeSlot)
+        assert isinstance(s, EpisodeSlot)
         s.cut = reason
         if s.turns:
             s.turns[-1].info = dict(s.turns[-1].info, **{reason: True})
@@ -418,5 +418,5 @@ def run_episode(policy: Policy, env: Any, *, seed: int | None = None, task_id: s
     return play(engine, [slot])[0]
 
 
-__all__ = ["Episode", "Turn", "Engine", "Slot", "PolicyOutputError", "derive_seed", "run_episode",
+__all__ = ["Episode", "Turn", "Engine", "Slot", "EpisodeSlot", "PolicyOutputError", "derive_seed", "run_episode",
            "start_episode", "play", "check_results", "executed_answer", "env_stop_strings"]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from treegym.version import __version__
 
 # name -> ("module:function", one-line help). The function takes the remaining argv.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("treegym.envs.data.synthetic:cli_main", "generate the synthetic world (corpus, QA parquet, site)"),
-    "index": ("treegym.retrieval_index.cli:main", "build / search / evaluate a retrieval index"),
+    "world": ("treegym.envs.site:world_cli_main", "generate the synthetic world (corpus, QA parquet, site)"),
+    "index": ("treegym.cli:index_main", "build / search / evaluate a retrieval index"),
     "serve-retriever": ("treegym.retrieval_index.server:cli_main", "serve an index with Search-R1's /retrieve API"),
     "serve-env": ("treegym.integrations.openenv:cli_main", "serve an env through OpenEnv (HTTP + WebSocket) with fork/snapshot/restore"),
     "tiny-model": ("treegym.agents.tiny:cli_main", "build the tokenizer and tiny causal LM from a world"),
@@ -22,6 +22,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("treegym.train.evaluate:cli_main", "evaluate a model on a split (EM/F1, tool calls, pass@k)"),
     "bench": ("treegym.train.bench:cli_main", "offline benchmark: chain GRPO vs Tree-GRPO at matched budgets"),
 }
+
+
+def dataset_tasks(spec: str, split: str | None) -> list[Any]:
+    """The questions `treegym index eval --data SPEC [--split S]` scores a retriever on: the
+    split if given, else the test split, else every split. Resolved here, at the top, because
+    retrieval_index sits below the env/data layer and never imports it."""
+    from treegym.envs.data import resolve_dataset
+
+    ds = resolve_dataset(spec)
+    if split is not None:
+        if split not in ds.splits:
+            raise ValueError(f"dataset {ds.name} has no split {split!r} (has {', '.join(ds.splits)})")
+        return list(ds.tasks(split))
+    if ds.splits.get("test"):
+        return list(ds.tasks("test"))
+    return [t for s in ds.splits for t in ds.tasks(s)]
+
+
+def index_main(argv: Sequence[str]) -> int:
+    from treegym.retrieval_index.cli import main as index_cli
+
+    return index_cli(argv, load_tasks=dataset_tasks)
 
 
 def _usage() -> str:

@@ -16,6 +16,7 @@ each row computes exactly what it would alone. Log-prob semantics: see `treegym.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -113,6 +114,14 @@ def shared_prefix_groups(prompts: Sequence[Sequence[int]], min_len: int = 16) ->
     return groups[::-1]
 
 
+def cache_argument(model: Any) -> str:
+    """The forward() keyword that takes a KV cache: ``cache`` since transformers 5.x deprecated
+    ``past_key_values`` (a FutureWarning on every call; removed in 5.40), ``past_key_values`` in the
+    releases before it."""
+    params = inspect.signature(getattr(model, "module", model).forward).parameters  # DDP wraps
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class HFPolicy(TokenizerBacked):
     """`Policy` over a Hugging Face causal LM directory (or an already loaded model + tokenizer).
 
@@ -164,6 +173,7 @@ class HFPolicy(TokenizerBacked):
         self.pad_id = int(pad) if pad is not None else 0
         self.stats = {"calls": 0, "prefill_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                       "forward_passes": 0}
+        self._cache_arg = cache_argument(self.model)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
@@ -218,9 +228,7 @@ class HFPolicy(TokenizerBacked):
                 row_group[row] = g_idx
                 cached[row] = g.prefix_len if k > 0 else 0
 
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        cache = self._new_cache()
         big_p = max((g.prefix_len for g in groups), default=0)
         prefill = 0
         if groups:
@@ -233,10 +241,10 @@ class HFPolicy(TokenizerBacked):
                 g_mask[g_idx, big_p - g.prefix_len:] = 1
                 prefill += g.prefix_len
             g_pos = (g_mask.cumsum(-1) - 1).clamp_(min=0)
-            g_cache = DynamicCache()
+            g_cache = self._new_cache()
             self.model(input_ids=g_ids.to(dev), attention_mask=g_mask.to(dev),
-                       position_ids=g_pos.to(dev), past_key_values=g_cache, use_cache=True,
-                       logits_to_keep=1)
+                       position_ids=g_pos.to(dev), use_cache=True, logits_to_keep=1,
+                       **{self._cache_arg: g_cache})
             self.stats["forward_passes"] += 1
             # Broadcast each group's K/V to its members; rows outside every group get masked zeros.
             sel = torch.tensor([max(g, 0) for g in row_group], device=dev)
@@ -261,7 +269,7 @@ class HFPolicy(TokenizerBacked):
             prefill += len(s)
         attn = torch.cat([prefix_mask, s_mask], dim=1).to(dev)
         out = self.model(input_ids=s_ids.to(dev), attention_mask=attn, position_ids=s_pos.to(dev),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         self.stats["forward_passes"] += 1
         self.stats["prefill_tokens"] += prefill
         self.stats["cached_tokens"] += sum(cached)
@@ -311,7 +319,7 @@ class HFPolicy(TokenizerBacked):
             for i in active:
                 next_pos[i] += 1
             out = self.model(input_ids=tok[:, None].to(dev), attention_mask=attn, position_ids=pos,
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **{self._cache_arg: cache})
             self.stats["forward_passes"] += 1
             logits = out.logits[:, -1, :]
 
@@ -327,9 +335,18 @@ class HFPolicy(TokenizerBacked):
                       "batch_seconds": elapsed}))
         return results
 
+    def _new_cache(self) -> Any:
+        """An empty KV cache laid out for this model's layers (full or sliding-window)."""
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers < 4.56: no per-layer layout
+            return DynamicCache()
+
     def __repr__(self) -> str:
         return (f"HFPolicy({self.model_dir or type(self.model).__name__!r}, device={str(self.device)!r}, "
                 f"dtype={self.model.dtype})")
 
 
-__all__ = ["HFPolicy", "check_model_dir", "shared_prefix_groups"]
+__all__ = ["HFPolicy", "check_model_dir", "shared_prefix_groups", "cache_argument"]

@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
+from treegym.envs.data import synthetic
+from treegym.envs.data.synthetic import World
+
 HOME_URL = "/index.html"
 MAX_URL_CHARS = 2048
 MAX_HTML_BYTES = 5_000_000
@@ -318,7 +321,7 @@ class Site:
         return cls(pages=pages, name=site.name, hosts=site.hosts, errors=tuple(errors))
 
     @classmethod
-    def from_world(cls, world: Any, *, name: str = "synthetic") -> Site:
+    def from_world(cls, world: World, *, name: str = "synthetic") -> Site:
         """Render the synthetic world (see module docstring). Deterministic for a given world."""
         return _WorldRenderer(world).site(name)
 
@@ -559,6 +562,20 @@ class _PageBuilder:
                     snippet, tuple(doc_ids))
 
 
+def write_world_site(world: World, out: Path) -> str:
+    """Render `world` as a site into the folder `out` (one HTML file per page); a report line.
+
+    Written in place (not via a temp dir): a re-run rewrites the same bytes."""
+    site = Site.from_world(world)
+    site.write_html(out)
+    return f"  site    {out}/  ({len(site)} pages)"
+
+
+def world_cli_main(argv: Sequence[str] | None = None) -> int:
+    """`treegym world`: the data layer writes the world, this side renders its site (`--site`)."""
+    return synthetic.cli_main(argv, site=write_world_site)
+
+
 class _WorldRenderer:
     """Lays a World out as a wiki.
 
@@ -568,7 +585,7 @@ class _WorldRenderer:
     linked page (for the fact): two visits, and a search result alone never shows the answer.
     """
 
-    def __init__(self, world: Any):
+    def __init__(self, world: World):
         self.world = world
         self.entities = sorted(_get(world, "entities", ()) or (), key=lambda e: str(_get(e, "id")))
         self.docs = sorted(_get(world, "docs", ()) or (), key=lambda d: str(_get(d, "doc_id")))
@@ -719,4 +736,4 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-__all__ = ["Site", "Page", "PageError", "LoadError", "LINK_RE", "HOME_URL"]
+__all__ = ["Site", "Page", "PageError", "LoadError", "LINK_RE", "HOME_URL", "write_world_site", "world_cli_main"]

@@ -24,6 +24,7 @@ from treegym.envs.data.loaders import GOLD_PATH_KEY, START_KEY
 from treegym.envs.protocol import ParsedAction, format_docs, information, parse_action
 from treegym.envs.tool_env import ToolEnv
 from treegym.envs.site import Page, PageError, Site
+from treegym.paths import treegym_home
 from treegym.retrieval_index.base import Hit
 
 DEFAULT_MAX_OBS_CHARS = 2048  # ~ Search-R1's 500-token observation cut
@@ -175,8 +176,6 @@ def site_retriever(site: Site, spec: Any = "bm25"):
     URL, Retriever object) are passed to `resources.get_retriever` as they are.
     """
     if isinstance(spec, str) and spec in resources.INDEX_KINDS:
-        from treegym.envs.data.paths import treegym_home
-
         with _lock:
             corpus = treegym_home() / "sites" / site.fingerprint()[:16] / "corpus.jsonl"
             if not corpus.is_file():

@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from treegym.paths import treegym_home
 from treegym.retrieval_index.base import Hit, Retriever
 from treegym.retrieval_index.cache import CachedRetriever
 from treegym.retrieval_index.corpus import CorpusFormatError, corpus_sha256, iter_corpus, parse_contents
@@ -187,11 +188,6 @@ def check_index_corpus(index_dir: str | os.PathLike[str], corpus_path: str | os.
     return manifest
 
 
-def _home() -> Path:
-    # Same rule as treegym.envs.data.paths.treegym_home(); retrieval_index never imports envs.
-    return Path(os.environ.get("TREEGYM_HOME") or Path.home() / ".cache" / "treegym").expanduser()
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Inter-process lock (fcntl), so parallel envs/processes build a default index once."""
@@ -212,7 +208,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 def cached_corpus_sha256(corpus_path: str | os.PathLike[str], cache_dir: Path | None = None) -> str:
     """Corpus hash, remembered by (path, size, mtime): re-hashing wiki-18 (14 GB) per env is wasteful."""
     corpus_path = Path(corpus_path)
-    cache_dir = _home() / "indexes" if cache_dir is None else cache_dir
+    cache_dir = treegym_home() / "indexes" if cache_dir is None else cache_dir
     st = corpus_path.stat()
     key = hashlib.sha256(f"{corpus_path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
     memo = cache_dir / ".sha256" / key
@@ -238,7 +234,7 @@ def default_index(corpus_path: str | os.PathLike[str], kind: str = "bm25", **opt
     corpus_path = Path(corpus_path)
     if not corpus_path.is_file():
         raise FileNotFoundError(f"corpus file not found: {corpus_path}")
-    root = _home() / "indexes"
+    root = treegym_home() / "indexes"
     sha = cached_corpus_sha256(corpus_path, root)
     # The format version is in the name so an index cached by an older treegym is never picked up;
     # a cached index that still fails to load (a crash, a hand edit) is rebuilt, not fatal: this

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main"]
 
@@ -170,26 +170,13 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tasks(spec: str, split: str | None) -> list[Any]:
-    # Imported here, not at module level: retrieval_index sits below envs; only this command
-    # (a top-level tool) reaches for the dataset loaders.
-    from treegym.envs.data import resolve_dataset
-
-    ds = resolve_dataset(spec)
-    if split is not None:
-        if split not in ds.splits:
-            raise ValueError(f"dataset {ds.name} has no split {split!r} (has {', '.join(ds.splits)})")
-        return list(ds.tasks(split))
-    if ds.splits.get("test"):
-        return list(ds.tasks("test"))
-    return [t for s in ds.splits for t in ds.tasks(s)]
-
-
 def _eval(args: argparse.Namespace) -> int:
     from treegym.retrieval_index import load_index
     from treegym.retrieval_index.evaluate import evaluate_retriever, format_report
 
-    tasks = _tasks(args.data, args.split)
+    if args.load_tasks is None:
+        raise ValueError("index eval needs a dataset loader; run it as `treegym index eval`")
+    tasks = args.load_tasks(args.data, args.split)
     if args.limit is not None:
         tasks = tasks[: max(0, args.limit)]
     if not tasks:
@@ -201,8 +188,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+TaskLoader = Callable[[str, str | None], list[Any]]
+
+
+def main(argv: Sequence[str] | None = None, load_tasks: TaskLoader | None = None) -> int:
+    """`treegym index ...`. ``load_tasks(data, split)`` gives `eval` its questions: datasets live
+    above this package (in envs), so the top-level `treegym` command passes the loader in."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args.load_tasks = load_tasks
     try:
         if args.threads is not None:
             from treegym.retrieval_index.encoder import set_cpu_threads

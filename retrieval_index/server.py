@@ -409,6 +409,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _encodes_queries(index_dir: Any) -> bool:
+    """Whether the index runs a torch encoder (dense, hybrid): only those take --threads, so a
+    BM25 server never imports torch (the `server` extra does not install it)."""
+    from treegym.retrieval_index.manifest import read_manifest
+
+    try:
+        return read_manifest(index_dir).kind in ("dense", "hybrid")
+    except (OSError, ValueError):
+        return False  # load_index below reports the bad index
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     for name in ("max_queries", "max_query_chars", "max_topk", "max_results", "chunk", "topk", "threads"):
@@ -422,7 +433,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
 
     from treegym.retrieval_index import load_index
 
-    if args.threads is not None:
+    if args.threads is not None and _encodes_queries(args.index):
         from treegym.retrieval_index.encoder import set_cpu_threads
         set_cpu_threads(args.threads)
     opts: dict[str, Any] = {}

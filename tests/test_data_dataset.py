@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from treegym.envs.data import Dataset, Task, resolve_dataset
-from treegym.envs.data.paths import treegym_home
+from treegym.paths import treegym_home
 from treegym.envs.data.synthetic import (WORLD_VERSION, ensure_world_files, make_world,
                                          synthetic_dataset)
 

@@ -266,9 +266,14 @@ def test_cli_writes_world_and_reports(tmp_path: Path, capsys: pytest.CaptureFixt
         assert str(out / name) in printed
     assert "seed=2" in printed
     assert (out / "site" / "index.html").is_file() and "site" in printed
-    assert cli_main(["--out", str(tmp_path / "nosite"), "--no-site", "--n-people", "60",
-                     "--n-questions", "50"]) == 0
+    assert main(["world", "--out", str(tmp_path / "nosite"), "--no-site", "--n-people", "60",
+                 "--n-questions", "50"]) == 0
     assert not (tmp_path / "nosite" / "site").exists()
+    # the data layer alone writes no site and knows no --site flag
+    assert cli_main(["--out", str(tmp_path / "data"), "--n-people", "60", "--n-questions", "50"]) == 0
+    assert not (tmp_path / "data" / "site").exists()
+    with pytest.raises(SystemExit):
+        cli_main(["--out", str(tmp_path / "data2"), "--no-site"])
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path) -> None:

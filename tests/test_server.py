@@ -308,13 +308,18 @@ def test_backend_failure_is_reported_and_server_survives():
             "result": [[{"id": "1", "contents": "T\nx"}]]}
 
 
-def test_serve_retriever_command(index, known):
-    """`treegym serve-retriever` as a user runs it: a real process on 127.0.0.1."""
+def test_serve_retriever_command(index, known, tmp_path):
+    """`treegym serve-retriever` as a user runs it: a real process on 127.0.0.1. A BM25 server
+    with `--threads` runs without torch, which the `server` extra does not install."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    no_torch = tmp_path / "no_torch"
+    no_torch.mkdir()
+    (no_torch / "torch.py").write_text("raise ImportError('torch is not installed (server extra)')\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(no_torch), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "treegym.cli", "serve-retriever", "--index", str(index),
                              "--port", str(port), "--log-level", "warning", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

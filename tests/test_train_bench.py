@@ -108,3 +108,29 @@ def test_from_scratch_builds_the_qa_then_the_web_warm_start(tmp_path, one_torch_
     assert meta["env"] == WEB_ENV and meta["lm_steps"] == 2 and meta["act_steps"] == 2
     assert set(WEB_TAGS) <= set(AutoTokenizer.from_pretrained(web).get_vocab())
     assert not set(WEB_TAGS) & set(AutoTokenizer.from_pretrained(tmp_path / "sft").get_vocab())
+
+
+def test_bench_name_writes_its_result_files_with_provenance(tmp_path, monkeypatch, one_torch_thread):
+    """`treegym bench --name NAME` writes NAME.{json,md,png} itself, recording the exact argv, the
+    commit, the machine and the sha256 of the warm start every row started from."""
+    import hashlib
+
+    from treegym.train import bench
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(bench, "REPO_RESULTS", results)
+    argv = ["--env", "TreeSearchQA-v0", "--arms", "G4", "--steps", "1", "--prompts", "1",
+            "--seeds", "1", "--test-n", "2", "--threads", "1", "--out", str(tmp_path / "run"), "--name", "tiny_run"]
+    assert bench.cli_main(argv) == 0
+    data = json.loads((results / "tiny_run.json").read_text())
+    assert data["argv"] == ["treegym", "bench", *argv]
+    assert data["command"].startswith("treegym bench --env TreeSearchQA-v0 --arms G4")
+    assert len(data["commit"]) == 40 or data["commit"] == "unknown"
+    assert "cpus" in data["machine"] and data["dirty"] in (True, False, None)
+    weights = bench.WARMSTART_DIR / "model.safetensors"
+    assert data["warmstart_sha256"] == {"TreeSearchQA-v0": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert [(r["method"], r["config"]) for r in data["rows"]] == [("sft", "warmstart"), ("chain", "G4")]
+    assert data["command"] in (results / "tiny_run.md").read_text()
+    assert (results / "tiny_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        bench.cli_main(["--name", "../escape"])

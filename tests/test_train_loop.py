@@ -60,7 +60,9 @@ def test_updates_lower_the_pg_loss_and_change_weights(sft_model, small_world, tm
     from treegym.train.trainer import Trainer, masked_logprobs
     from treegym.tree import to_batch
 
-    tr = Trainer(_cfg(sft_model, tmp_path, algo="tree_grpo"), dataset=small_world)
+    cfg = _cfg(sft_model, tmp_path, algo="tree_grpo")
+    cfg.optim.lr = 1e-4  # small steps: a first-order decrease, whichever batch the seed draws
+    tr = Trainer(cfg, dataset=small_world)
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     # a batch with signal: sample until some prompt has leaves with different rewards
     for _ in range(6):

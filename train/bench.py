@@ -25,7 +25,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -34,7 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from treegym.train.sft import WARMSTART_DIR
+import torch
+
+from treegym.agents.hf import HFPolicy
+from treegym.envs.data import resolve_dataset
+from treegym.train.config import TrainConfig
+from treegym.train.evaluate import evaluate, make_env, select_tasks
+from treegym.train.sft import WARMSTART_DIR, run_sft
+from treegym.train.trainer import Trainer
 
 QA_ENV, WEB_ENV = "TreeSearchQA-v0", "TreeWebAgent-v0"
 WARMSTART_WEB_DIR = WARMSTART_DIR.parent / "warmstart_web"
@@ -90,19 +100,27 @@ def select_arms(arms: Sequence[Arm], spec: str, *, check: bool = True) -> list[A
     return [arm for arm in arms if any(matches(arm, n) for n in names)]
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - not a git checkout
-        return "unknown"
+        proc = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None outside a git checkout): a result made
+    from uncommitted code says so."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _machine() -> str:
-    import os
-
-    import torch
-
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
 
@@ -147,9 +165,6 @@ def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
         if found is not None:
             return found
         log(f"no committed warm start in {WARMSTARTS[env_id]}: building one (this takes a while)")
-    from treegym.envs.data import resolve_dataset
-    from treegym.train.sft import run_sft
-
     base = None
     if env_id == WEB_ENV:
         base = qa_start or warm_start(out, from_scratch=from_scratch, log=log, sft_kwargs=sft_kwargs,
@@ -164,9 +179,6 @@ def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
 def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prompts: int,
             lr: float, minibatch_prompts: int = 2, test_n: int, threads: int, max_new_tokens: int, log: Any,
             env_id: str = QA_ENV, rl_split: str = "train") -> dict:
-    from treegym.train.config import TrainConfig
-    from treegym.train.trainer import Trainer
-
     tag = "" if env_id == QA_ENV else "web-"
     cfg = TrainConfig(model=str(model_dir), env=env_id, data="synthetic", split=rl_split,
                       out=str(out / f"{tag}{arm.method}-{arm.config}-s{seed}"),
@@ -200,8 +212,6 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
 
 def test_metrics(policy: Any, env_id: str, test_n: int, max_new_tokens: int) -> dict:
     """Greedy metrics on the same `test_n` test tasks (seeded choice) for every arm of an env."""
-    from treegym.train.evaluate import evaluate, make_env, select_tasks
-
     env = make_env("synthetic", "test", env_id)
     tasks = select_tasks(env, test_n, seed=0)
     return evaluate(policy, env, tasks, max_new_tokens=max_new_tokens, seed=0)
@@ -228,10 +238,16 @@ def _agg(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_results(out: Path, rows: list[dict], meta: dict) -> tuple[Path, Path, Path]:
+def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = None
+                  ) -> tuple[Path, Path, Path]:
+    """The table (md), every row with the run's metadata (json) and the budget plot (png), as
+    `out/results.{md,json}` + `out/budget.png`, or `out/STEM.{md,json,png}` when `stem` is given
+    (how `--name` publishes into benchmarks/results/). Only this function writes them."""
     agg = _agg(rows)
+    command = f"`{meta['command']}` · " if meta.get("command") else ""
+    dirty = " (uncommitted changes)" if meta.get("dirty") else ""
     lines = [f"# treegym bench{' --quick' if meta.get('quick') else ''}", "",
-             f"commit `{meta['commit']}` · {meta['machine']} · {meta['steps']} RL steps × "
+             f"{command}commit `{meta['commit']}`{dirty} · {meta['machine']} · {meta['steps']} RL steps × "
              f"{meta['prompts']} prompts · lr {meta['lr']} · greedy on {meta['test_n']} test tasks · "
              f"seeds {meta['seeds']}", ""]
     envs = list(dict.fromkeys(a["env"] for a in agg))
@@ -253,16 +269,18 @@ def write_results(out: Path, rows: list[dict], meta: dict) -> tuple[Path, Path, 
     lines += ["Budget = expected chains per prompt: chain G, tree M·(1+N·L/2). tokens/prompt and tool "
               "calls/prompt are measured per RL step (generated tokens, executed tool calls); rollout s and "
               "update s are summed over the run's steps.", ""]
-    md = out / "results.md"
+    md = out / f"{stem or 'results'}.md"
     md.write_text("\n".join(lines))
-    js = out / "results.json"
+    js = out / f"{stem or 'results'}.json"
     js.write_text(json.dumps({**meta, "rows": rows, "summary": agg}, indent=1))
-    png = out / "budget.png"
+    png = out / f"{stem or 'budget'}.png"
     _plot(agg, png)
     return md, js, png
 
 
 def _plot(agg: list[dict], png: Path) -> None:
+    # Deferred on purpose: selecting the Agg backend at import time would change the backend of
+    # any program that merely imports this module.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,10 +343,17 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                    help="split the RL prompts come from (default train, the questions the SFT warm start "
                         "was trained on; 'dev' gives RL questions the warm start never saw)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-repo-json", action="store_true", help="do not write benchmarks/results/bench_*.json")
-    a = p.parse_args(list(argv) if argv is not None else None)
-    import torch
-
+    p.add_argument("--name", default=None,
+                   help="write benchmarks/results/NAME.{json,md,png} with the exact command, commit, "
+                        "machine and warm-start sha256 (default: bench_quick with --quick, else bench_full)")
+    p.add_argument("--no-repo-results", "--no-repo-json", dest="no_repo_results", action="store_true",
+                   help="do not write benchmarks/results/NAME.*")
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    a = p.parse_args(argv)
+    name = a.name or ("bench_quick" if a.quick else "bench_full")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        p.error(f"--name {name!r}: use letters, digits, '_', '-' and '.' only (it names files in {REPO_RESULTS})")
+    commit, dirty = _git_commit(), _git_dirty()  # of the code that runs, read before it does
     torch.set_num_threads(max(1, a.threads))
     seeds = a.seeds or (1 if a.quick else 3)
     steps = a.steps or (12 if a.quick else 30)
@@ -349,8 +374,6 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
 
     def log(msg: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
-
-    from treegym.agents.hf import HFPolicy
 
     sft_kwargs = dict(lm_steps=2400, act_steps=600, batch=8, lr=2e-3, eval_every=300, eval_n=50, seed=0)
     starts: dict[str, Path] = {}
@@ -383,21 +406,18 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                     f"{row['tokens_per_prompt']:.0f} tokens/prompt, rollout {row['rollout_s']:.0f}s, "
                     f"update {row['update_s']:.0f}s")
                 rows.append(row)
-                meta = {"commit": _git_commit(), "machine": _machine(), "quick": a.quick, "steps": steps,
+                meta = {"argv": ["treegym", "bench", *argv], "command": shlex.join(["treegym", "bench", *argv]),
+                        "commit": commit, "dirty": dirty, "machine": _machine(), "quick": a.quick, "steps": steps,
                         "prompts": prompts, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts,
                         "test_n": test_n, "seeds": seeds, "envs": envs, "rl_split": a.rl_split,
                         "warmstarts": {k: str(v) for k, v in starts.items()},
                         "warmstart_sha256": start_sha,
                         "wall_s": time.perf_counter() - t_start}
                 md, js, png = write_results(out, rows, meta)  # after every run: partial results survive
-    if not a.no_repo_json and REPO_RESULTS.parent.is_dir():
+    if not a.no_repo_results and REPO_RESULTS.parent.is_dir():
         REPO_RESULTS.mkdir(exist_ok=True)
-        name = "bench_quick.json" if a.quick else "bench_full.json"
-        keep = ("env", "method", "config", "budget", "seed", "test_em", "test_f1", "tokens_per_prompt",
-                "tool_calls_per_prompt", "wall_s", "rollout_s", "update_s")
-        (REPO_RESULTS / name).write_text(json.dumps(
-            {"commit": meta["commit"], "machine": meta["machine"], "warmstart_sha256": start_sha, "steps": steps, "prompts": prompts,
-             "lr": a.lr, "test_n": test_n, "rows": [{k: r.get(k) for k in keep} for r in rows]}, indent=1))
+        published = write_results(REPO_RESULTS, rows, meta, stem=name)
+        log("wrote " + ", ".join(str(f) for f in published))
     print(md.read_text())
     print(f"plot: {png.resolve()}\nresults: {js.resolve()}")
     return 0

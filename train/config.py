@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import tyro
+import yaml
+
 Algo = Literal["grpo", "tree_grpo", "treerl", "gigpo"]
 EnvId = Literal["TreeSearchQA-v0", "TreeWebAgent-v0"]
 
@@ -219,8 +222,6 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_yaml(path: str | Path, cls: type = TrainConfig) -> Any:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -235,8 +236,6 @@ def load_yaml(path: str | Path, cls: type = TrainConfig) -> Any:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    import yaml
-
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
@@ -275,8 +274,6 @@ def parse_args(argv: Sequence[str], cls: type = TrainConfig, description: str | 
 
     tyro reports unknown flags and ill-typed values itself (exit code 2, naming the flag).
     """
-    import tyro
-
     argv = list(argv)
     default = cls()
     for i, a in enumerate(argv):

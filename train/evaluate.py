@@ -4,11 +4,11 @@
 tool calls, turns, invalid actions and generated tokens per episode, overall and per question
 kind, greedy and (with `--k`) sampled pass@k.
 
-Why a runner of its own instead of one `run_episode` per task: a tiny model on CPU is dominated by
-per-call overhead, so every live episode's next action goes to the policy in one `generate` call
-per turn (each episode on its own fork of one env, which shares the corpus and retriever). The
-numbers come from the env itself: the reward is the env's, and EM/F1 are computed on the answer
-the env executed, so "eval EM" and "training reward" cannot silently disagree.
+Episodes run on the one episode engine (`agents.episode.Engine`): every live episode's next action
+goes to the policy in one `generate` call per turn (each episode on its own fork of one env, which
+shares the corpus and retriever). The numbers come from the env itself: the reward is the env's,
+and EM/F1 are computed on the answer the env executed, so "eval EM" and "training reward" cannot
+silently disagree.
 """
 
 from __future__ import annotations
@@ -16,110 +16,39 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from treegym.agents.base import GenRequest
+import gymnasium as gym
+import torch
 
-
-@dataclass
-class Episode:
-    task_id: str
-    kind: str
-    answer: str | None
-    em: float
-    f1: float
-    reward: float
-    tool_calls: int
-    turns: int
-    invalid_actions: int
-    generated_tokens: int
-    truncated: bool
-    sample: int = 0
-    actions: tuple[str, ...] = field(default=(), repr=False)  # the generated texts, in order
-    transcript: str = field(default="", repr=False)
-
-
-def _answer_of(env: Any, state: Any) -> str | None:
-    """The answer the env executed (parsed with the env's own action parser)."""
-    from treegym.envs.protocol import parse_action
-
-    parse = getattr(env, "_parse", parse_action)
-    for step in reversed(state.steps):
-        if step.tool == "answer":
-            return parse(step.action).argument
-    return None
-
-
-def _seed(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFF
+from treegym.agents.episode import Engine, Episode, env_stop_strings, play, start_episode
+from treegym.agents.hf import HFPolicy
+from treegym.envs.core import fork
 
 
 def run_episodes(policy: Any, env: Any, tasks: Sequence[Any], *, samples: int = 1,
                  temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 32,
-                 seed: int = 0, keep_transcripts: bool = False) -> list[Episode]:
-    """Run `samples` episodes per task, all live episodes batched into one generate call per turn.
+                 seed: int = 0) -> list[Episode]:
+    """Run `samples` episodes per task on the one episode engine (`agents.episode`), all live
+    episodes batched into one generate call per turn.
 
     `env` is any treegym tool env (TreeSearchQA-v0 or TreeWebAgent-v0, wrapped or not); each
-    episode runs on its own fork.
-    Returns episodes in (task, sample) order.
+    episode runs on its own fork. Sample s of task i draws its turn-t tokens with seed
+    ``derive_seed(seed, i, s, t)``. Returns episodes in (task, sample) order.
     """
-    from treegym import fork
-    from treegym.envs.rewards import exact_match, f1_score
-
     base = env.unwrapped
-    stops = tuple(getattr(base, "stop_strings", ("</search>", "</answer>")))
     max_turns = int(getattr(base, "max_tool_calls", 3)) + 2  # guard against a non-ending env
-    live = []
-    for ti, task in enumerate(tasks):
-        for s in range(samples):
-            e = fork(env)
-            obs, _ = e.reset(options={"task_id": task.id})
-            live.append({"env": e, "task": task, "ti": ti, "s": s, "ids": list(policy.encode_prompt(obs)),
-                         "gen": 0, "invalid": 0, "turn": 0})
-    done: list[dict] = []
-    while live:
-        reqs = [GenRequest(tuple(ep["ids"]), max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, stop=stops, seed=_seed(seed, ep["ti"], ep["s"], ep["turn"]))
-                for ep in live]
-        results = policy.generate(reqs)
-        still = []
-        for ep, res in zip(live, results):
-            obs, reward, term, trunc, info = ep["env"].step(res.text)
-            ep["ids"].extend(res.token_ids)
-            ep["gen"] += len(res.token_ids)
-            ep["turn"] += 1
-            if not info.get("valid_action", True):
-                ep["invalid"] += 1
-            ep["reward"], ep["trunc"] = float(reward), bool(trunc)
-            if term or trunc or ep["turn"] >= max_turns:
-                done.append(ep)
-            else:
-                ep["ids"].extend(policy.encode(obs))
-                still.append(ep)
-        live = still
-    done.sort(key=lambda ep: (ep["ti"], ep["s"]))
-    out = []
-    for ep in done:
-        st = ep["env"].unwrapped.state
-        ans = _answer_of(ep["env"].unwrapped, st)
-        golds = ep["task"].answers
-        out.append(Episode(task_id=ep["task"].id, kind=ep["task"].kind, answer=ans,
-                           em=exact_match(ans, golds) if ans is not None else 0.0,
-                           f1=f1_score(ans, golds) if ans is not None else 0.0,
-                           reward=ep["reward"], tool_calls=int(st.tool_calls), turns=int(st.turn),
-                           invalid_actions=ep["invalid"], generated_tokens=ep["gen"],
-                           truncated=ep["trunc"], sample=ep["s"],
-                           actions=tuple(s.action for s in st.steps),
-                           transcript=st.transcript if keep_transcripts else ""))
-    return out
+    engine = Engine(policy, stop=env_stop_strings(base), max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, max_turns=max_turns)
+    slots = [start_episode(policy, fork(env), options={"task_id": task.id}, task=task,
+                           sample_seed=(seed, ti, s), sample=s, index=ti * samples + s)
+             for ti, task in enumerate(tasks) for s in range(samples)]
+    return play(engine, slots)
 
 
 def summarize(episodes: Sequence[Episode], prefix: str = "") -> dict[str, float]:
@@ -128,8 +57,9 @@ def summarize(episodes: Sequence[Episode], prefix: str = "") -> dict[str, float]
         return {}
     n = len(episodes)
     m: dict[str, float] = {}
-    for key in ("em", "f1", "reward", "tool_calls", "turns", "invalid_actions", "generated_tokens"):
+    for key in ("em", "f1", "reward", "tool_calls", "invalid_actions", "generated_tokens"):
         m[prefix + key] = sum(float(getattr(e, key)) for e in episodes) / n
+    m[prefix + "turns"] = sum(len(e.turns) for e in episodes) / n
     m[prefix + "answered"] = sum(e.answer is not None for e in episodes) / n
     by_kind: dict[str, list[float]] = defaultdict(list)
     for e in episodes:
@@ -171,10 +101,6 @@ def make_env(data: Any, split: str, env_id: str = "TreeSearchQA-v0", *, site: An
     defaults to 5 tool calls and token-F1 reward, the QA env to 3 and EM). `site` is used by
     TreeWebAgent-v0 only ("synthetic" renders the world of `data` as a wiki).
     """
-    import gymnasium as gym
-
-    import treegym  # noqa: F401  (registers the envs)
-
     if env_id not in ENV_IDS:
         raise ValueError(f"unknown env {env_id!r}; expected one of {', '.join(ENV_IDS)}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -185,8 +111,6 @@ def make_env(data: Any, split: str, env_id: str = "TreeSearchQA-v0", *, site: An
 
 def select_tasks(env: Any, n: int = 0, seed: int = 0) -> list[Any]:
     """The first `n` tasks of the env's split in a fixed seeded order (all when n <= 0)."""
-    import random
-
     tasks = list(env.unwrapped.tasks)
     if 0 < n < len(tasks):
         rng = random.Random(seed)
@@ -212,10 +136,6 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     a = p.parse_args(list(argv) if argv is not None else None)
-    import torch
-
-    from treegym.agents.hf import HFPolicy
-
     if a.threads:
         torch.set_num_threads(a.threads)
     try:

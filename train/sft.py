@@ -24,10 +24,28 @@ import argparse
 import hashlib
 import json
 import random
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
+from transformers import AutoTokenizer
+
+from treegym.agents.base import GenResult
+from treegym.agents.episode import Engine, env_stop_strings, play, start_episode
+from treegym.agents.hf import HFPolicy
+from treegym.agents.scripted import OraclePolicy
+from treegym.agents.tiny import WEB_TAGS, add_tags, build_tiny_model, corpus_titles
+from treegym.envs.core import fork
+from treegym.envs.data import resolve_dataset
+from treegym.envs.protocol import format_docs, make_prompt
+from treegym.envs.web_agent import oracle_actions
+from treegym.retrieval_index import Hit, iter_corpus
+from treegym.train.evaluate import evaluate, make_env, select_tasks
+from treegym.train.modeling import warmup_lambda
 
 WARMSTART_DIR = Path(__file__).resolve().parent / "warmstart"
 
@@ -37,20 +55,14 @@ def oracle_plan(env: Any, dataset: Any) -> Any:
     the answer; for TreeWebAgent-v0 the gold browsing path (`web_agent.oracle_actions`: search,
     click the result, click along the links, answer). The web oracle's `<think>` sentences are dropped so both
     envs' transcripts teach bare tool calls (the tiny model's action budget is ~30 tokens)."""
-    import re
-
     base = env.unwrapped
     max_calls = int(base.max_tool_calls)
     if getattr(base, "site", None) is not None:
-        from treegym.envs.web_agent import oracle_actions
-
         def web(task: Any) -> list[str]:
             path = oracle_actions(base.site, task, search=base.result_urls)  # clicks the found result
             acts = [re.sub(r"<think>.*?</think>\s*", "", a, flags=re.S) for a in path]
             return acts[:max_calls] + acts[-1:] if len(acts) > max_calls + 1 else acts
         return web
-    from treegym.agents.scripted import OraclePolicy
-
     oracle = OraclePolicy(dataset, max_searches=max_calls)
 
     def qa(task: Any) -> list[str]:
@@ -62,34 +74,35 @@ def oracle_plan(env: Any, dataset: Any) -> Any:
 def oracle_transcripts(env: Any, tasks: Sequence[Any], policy: Any, plan: Any
                        ) -> list[tuple[list[int], list[int]]]:
     """(ids, action_mask) of one oracle episode per task, tokenized segment by segment;
-    `plan(task)` gives the actions (`oracle_plan`)."""
-    from treegym import fork
+    `plan(task)` gives the actions (`oracle_plan`).
 
-    out = []
-    for task in tasks:
-        e = fork(env)
-        obs, _ = e.reset(options={"task_id": task.id})
-        ids = list(policy.encode_prompt(obs))
-        mask = [0] * len(ids)
-        for act in plan(task):
-            obs, reward, term, trunc, _ = e.step(act)
-            a = policy.encode(act)
-            ids += a
-            mask += [1] * len(a)
-            if term or trunc:
-                break
-            o = policy.encode(obs)
-            ids += o
-            mask += [0] * len(o)
-        out.append((ids, mask))
-    return out
+    The episodes run on the one episode engine, with the plan standing in for `generate`: each
+    action is `policy.encode`d (mask 1) and executed as written, each observation encoded once
+    (mask 0), exactly as a rollout assembles its ids."""
+    plans = [list(plan(task)) for task in tasks]
+    slots = [start_episode(policy, fork(env), options={"task_id": task.id}, task=task, index=i)
+             for i, task in enumerate(tasks)]
+
+    def act(ready: Sequence[Any], requests: Sequence[Any]) -> list[GenResult]:
+        out = []
+        for s in ready:
+            acts = plans[s.index]
+            if s.turn >= len(acts):
+                raise ValueError(f"the oracle plan of task {s.task.id!r} ended after {len(acts)} "
+                                 "actions but its episode did not")
+            text = acts[s.turn]
+            ids = list(policy.encode(text))
+            out.append(GenResult(token_ids=ids, logprobs=[0.0] * len(ids), text=text,
+                                 finish_reason="stop"))
+        return out
+
+    engine = Engine(policy, stop=env_stop_strings(env), max_new_tokens=1 << 30,
+                    max_turns=max((len(p) for p in plans), default=0) + 1, fit_context=False)
+    return [(ep.token_ids, ep.action_mask) for ep in play(engine, slots, act=act)]
 
 
 def passage_texts(dataset: Any, policy: Any, per_block: int = 3, seed: int = 0) -> list[list[int]]:
     """Corpus passages in the env's search-result format, `per_block` per sequence."""
-    from treegym.envs.protocol import format_docs
-    from treegym.retrieval_index import Hit, iter_corpus
-
     docs = [Hit(doc_id, 0.0, title, text) for doc_id, title, text in iter_corpus(dataset.corpus_path)]
     random.Random(seed).shuffle(docs)
     blocks = []
@@ -110,8 +123,6 @@ def _batches(n: int, batch: int, rng: random.Random):
 
 
 def _lm_batch(rows: list[tuple[list[int], list[int]]], pad: int, action_only: bool):
-    import torch
-
     width = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     att = torch.zeros((len(rows), width), dtype=torch.long)
@@ -138,8 +149,6 @@ def selected_lm_loss(model: Any, ids: Any, att: Any, labels: Any) -> Any:
     logits of every position dominate a tiny model's step; projecting only the labelled
     positions through the LM head is the same loss at a fraction of the cost.
     """
-    import torch
-
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if base is None or head is None:
         return model(input_ids=ids, attention_mask=att, labels=labels, use_cache=False).loss
@@ -167,21 +176,12 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
     whose tokenizer lacks the web tool tags gets them first (`agents.tiny.add_tags`, into
     `out/init`), which is how the web warm start is grown from the QA one.
     """
-    import torch
-
-    from treegym.agents.hf import HFPolicy
-    from treegym.train.evaluate import evaluate, make_env, select_tasks
-    from treegym.train.modeling import warmup_lambda
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     random.seed(seed)
     torch.manual_seed(seed)
     if model_dir is None:
-        from treegym.agents.tiny import build_tiny_model, corpus_titles
-        from treegym.envs.protocol import make_prompt
-
         model_dir = out / "init"
         build_tiny_model(dataset.corpus_path, model_dir,
                          entity_names=corpus_titles(dataset.corpus_path),
@@ -190,10 +190,6 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
                          max_position_embeddings=1024)
         log(f"built tiny model in {model_dir}")
     if env_id == "TreeWebAgent-v0":
-        from transformers import AutoTokenizer
-
-        from treegym.agents.tiny import WEB_TAGS, add_tags
-
         if not set(WEB_TAGS) <= set(AutoTokenizer.from_pretrained(model_dir).get_vocab()):
             # Five browsing turns run past the QA model's 1,024 positions (RoPE: no table to grow).
             model_dir = add_tags(model_dir, out / "init", WEB_TAGS, max_positions=2048)
@@ -299,8 +295,6 @@ WARMSTART_FILES = ("config.json", "generation_config.json", "model.safetensors",
 def install_warmstart(src: str | Path, dst: str | Path = WARMSTART_DIR, commit: str = "") -> Path:
     """Copy a finished SFT directory to the committed warm-start location with a README that
     records its sha256, the command and the commit it was built from."""
-    import shutil
-
     src, dst = Path(src), Path(dst)
     meta = json.loads((src / "sft_meta.json").read_text())
     digest = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
@@ -370,10 +364,6 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(list(argv) if argv is not None else None)
-    import torch
-
-    from treegym.envs.data import resolve_dataset
-
     torch.set_num_threads(max(1, a.threads))
     try:
         ds = resolve_dataset(a.world)

@@ -57,6 +57,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from treegym.agents.episode import derive_seed as _derive  # the one seed derivation
 from treegym.train import checkpoint as ckpt
 from treegym.train.config import TrainConfig, parse_args, save_yaml, to_dict, validate
 from treegym.train.loss import total_loss
@@ -98,13 +99,6 @@ def masked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
         e = -(logsm.exp() * logsm).sum(-1)
         ent = torch.zeros_like(out).masked_scatter(full_sel, e)
     return out, ent
-
-
-def _derive(*parts: Any) -> int:
-    import hashlib
-
-    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 class Trainer:

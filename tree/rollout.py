@@ -1,8 +1,10 @@
 """Rollout samplers: chain (GRPO), Tree-GRPO and entropy-guided (TreeRL/EPTree) trees.
 
-All three share one engine: a set of *continuations* (an env fork restored to a node's state plus
-the token context so far) advanced in lock-step, ONE batched `policy.generate` call per turn for
-every continuation of every prompt and tree in the wave. Token ids are the truth: the prompt is
+All three run on the package's one episode engine (`agents.episode.Engine`, which evaluation, SFT
+data and `run_episode` share): a set of *continuations* (an env fork restored to a node's state
+plus the token context so far) advanced in lock-step, ONE batched `policy.generate` call per turn
+for every continuation of every prompt and tree in the wave; this module records each step as a
+tree `Node` and keeps the budget. Token ids are the truth: the prompt is
 encoded once with `policy.encode_prompt`, each observation once with `policy.encode`, and a
 continuation's next request is exactly the previous context + sampled ids + observation ids.
 
@@ -10,7 +12,8 @@ Branching restores `treegym.snapshot` states into `treegym.fork`ed envs, so a co
 touches its siblings, and its remaining tool budget (max − tool calls so far) is whatever the
 restored env state says.
 
-Seeds: every request's seed is derived from (seed, prompt index, tree, wave, slot, turn), every
+Seeds (`agents.episode.derive_seed`, the package's one derivation): every request's seed is
+derived from (seed, prompt index, tree, wave, slot, turn), every
 random expansion choice from (seed, prompt, tree, wave), so runs repeat exactly with a policy that
 honours `GenRequest.seed`, whatever the batch composition. `chain(G)` and the initial chains of
 `tree_grpo(M=G)` use the same seeds, so they sample the same trajectories. `prompt_index` names
@@ -22,7 +25,6 @@ batch samples for those prompts (same seeds, same uids).
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -30,6 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from treegym.agents.base import GenRequest, GenResult
+from treegym.agents.episode import (Engine, PolicyOutputError, Slot, Turn, derive_seed,
+                                    env_stop_strings)
 from treegym.envs.core import fork as env_fork
 from treegym.envs.core import restore as env_restore
 from treegym.envs.core import snapshot as env_snapshot
@@ -37,48 +41,42 @@ from treegym.envs.core import unwrapped_forkable
 from treegym.tree.node import Budget, Forest, Node, Tree
 
 
-class PolicyOutputError(ValueError):
-    """The policy returned something a rollout cannot use (wrong count, mismatched lengths)."""
-
-
-def derive_seed(*parts: Any) -> int:
-    """A stable 31-bit seed from any tuple of ints/strings (independent of PYTHONHASHSEED)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**31 - 1)
-
-
 @dataclass
-class _Cont:
-    """One in-flight continuation: where it attaches, its env, and its token context."""
+class _Cont(Slot):
+    """One in-flight continuation: where it attaches (prompt, tree, parent node) and its budget
+    bookkeeping; the env, context, seed parts, turn and token-fork prefix live in `Slot`."""
 
-    p: int  # prompt index
-    tree: Tree
-    parent: Node  # the next node is created as a child of this one
-    env: Any
-    context: list[int]
-    wave: int
-    slot: int
+    p: int = 0  # prompt index
+    tree: Tree | None = None
+    parent: Node | None = None  # the next node is created as a child of this one
+    wave: int = 0
+    slot: int = 0
     split_idx: int | None = None  # only for the first step of a token-level fork
-    turn: int = 0
+    tool_calls: int = 0  # the env's tool calls before the next step
     hashed: int = 0  # how many context tokens are already in the prefix set
     prefix_hash: int = 0  # rolling hash of context[:hashed]
 
+    def where(self) -> str:
+        return (f"prompt {self.p}, tree {self.tree.tree_id}, wave {self.wave}, slot {self.slot}, "
+                f"turn {self.turn}")
+
 
 class _Engine:
+    """The samplers' side of the episode engine: forests, env forks at tree nodes, budget."""
+
     def __init__(self, policy, env, tasks, *, seed: int, max_new_tokens: int, temperature: float,
                  top_p: float, want_entropies: bool, max_turns: int, sampler: str,
                  prompt_index: Sequence[int] | None = None):
         if not tasks:
             raise ValueError("tasks is empty: give at least one task (a Task, a task id, or None)")
         self.index = _prompt_index(prompt_index, len(tasks))
-        if max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         self.policy, self.env, self.tasks = policy, env, list(tasks)
-        self.seed, self.max_turns, self.sampler = seed, max_turns, sampler
-        self.gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        want_entropies=want_entropies)
-        core = unwrapped_forkable(env)
-        self.stop = tuple(getattr(core, "stop_strings", ()) or ())
+        self.seed, self.sampler = seed, sampler
+        # fit_context=False: a request that does not fit is the policy's to refuse (HFPolicy raises
+        # naming the lengths) rather than a leaf cut short without a reward
+        self.engine = Engine(policy, stop=env_stop_strings(unwrapped_forkable(env)),
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             want_entropies=want_entropies, max_turns=max_turns, fit_context=False)
         self.budget = Budget()
         self._prefixes: set[int] = set()
         self.forests: list[Forest] = []
@@ -118,67 +116,43 @@ class _Engine:
                      split_at: int | None = None) -> _Cont:
         """A fresh continuation from `node`'s state (or inside its action at token `split_at`)."""
         env = env_fork(self._base_envs[p])
+        prefix: tuple[int, ...] = ()
         if split_at is None:
             env_restore(env, node.snapshot)
             context = node.context_ids()
         else:
             env_restore(env, node.state_before())
-            context = node.context_before_ids() + list(node.full_action_ids[:split_at])
-        return _Cont(p=p, tree=tree, parent=node, env=env, context=context, wave=wave, slot=slot,
-                     split_idx=split_at)
+            prefix = tuple(node.full_action_ids[:split_at])
+            context = node.context_before_ids() + list(prefix)
+        return _Cont(env=env, context=context, action_prefix=prefix,
+                     seed=(self.seed, self.index[p], tree.tree_id, wave, slot), p=p, tree=tree,
+                     parent=node, wave=wave, slot=slot, split_idx=split_at,
+                     tool_calls=unwrapped_forkable(env).state.tool_calls)
 
-    # -- the lock-step loop ---------------------------------------------------------------------
+    # -- recording what the engine steps ---------------------------------------------------------
 
     def run(self, conts: list[_Cont]) -> list[Node]:
         """Advance every continuation to the end of its episode; returns the new leaves."""
         leaves: list[Node] = []
-        active = list(conts)
-        while active:
-            requests = [GenRequest(prompt_ids=tuple(c.context), stop=self.stop,
-                                   seed=derive_seed(self.seed, self.index[c.p], c.tree.tree_id,
-                                                    c.wave, c.slot, c.turn), **self.gen)
-                        for c in active]
-            results = self.policy.generate(requests)
-            self._check(results, active)
-            self.budget.generate_calls += 1
-            still: list[_Cont] = []
-            for c, req, res in zip(active, requests, results):
-                self._account(c, req, res)
-                node = self._step(c, res)
-                if node.terminal:
-                    leaves.append(node)
-                    self.budget.leaves += 1
-                else:
-                    c.turn += 1
-                    if c.turn >= self.max_turns:
-                        raise RuntimeError(f"episode of prompt {c.p}, tree {c.tree.tree_id} did not end "
-                                           f"after {self.max_turns} turns; is the env bounded?")
-                    c.parent, c.split_idx = node, None
-                    c.context = c.context + list(node.action_ids) + list(node.obs_ids)
-                    still.append(c)
-            active = still
-        return leaves
+        calls = self.engine.generate_calls
 
-    def _check(self, results: Sequence[GenResult], conts: Sequence[_Cont]) -> None:
-        if not isinstance(results, (list, tuple)) or len(results) != len(conts):
-            n = len(results) if hasattr(results, "__len__") else type(results).__name__
-            raise PolicyOutputError(f"policy.generate returned {n} results for {len(conts)} requests")
-        for i, (res, c) in enumerate(zip(results, conts)):
-            where = (f"request {i} (prompt {c.p}, tree {c.tree.tree_id}, wave {c.wave}, slot {c.slot}, "
-                     f"turn {c.turn})")
-            if not isinstance(res, GenResult):
-                raise PolicyOutputError(f"{where}: expected a GenResult, got {type(res).__name__}")
-            if len(res.logprobs) != len(res.token_ids):
-                raise PolicyOutputError(f"{where}: {len(res.token_ids)} token ids but "
-                                        f"{len(res.logprobs)} log-probs")
-            if res.entropies is not None and len(res.entropies) != len(res.token_ids):
-                raise PolicyOutputError(f"{where}: {len(res.token_ids)} token ids but "
-                                        f"{len(res.entropies)} entropies")
-            if len(res.token_ids) > self.gen["max_new_tokens"]:
-                raise PolicyOutputError(f"{where}: {len(res.token_ids)} tokens exceed max_new_tokens="
-                                        f"{self.gen['max_new_tokens']}")
-            if any(math.isnan(float(x)) for x in res.logprobs):
-                raise PolicyOutputError(f"{where}: NaN log-prob")
+        def on_step(c: Slot, req: GenRequest, res: GenResult, turn: Turn) -> None:
+            assert isinstance(c, _Cont)
+            self._account(c, req, res)
+            node = self._add_node(c, turn)
+            if node.terminal:
+                leaves.append(node)
+                self.budget.leaves += 1
+            c.parent, c.split_idx = node, None
+
+        def on_end(c: Slot, reason: str) -> None:
+            assert isinstance(c, _Cont)
+            raise RuntimeError(f"episode of prompt {c.p}, tree {c.tree.tree_id} did not end "
+                               f"after {self.engine.max_turns} turns; is the env bounded?")
+
+        self.engine.run(conts, on_step, on_end)
+        self.budget.generate_calls += self.engine.generate_calls - calls
+        return leaves
 
     def _account(self, c: _Cont, req: GenRequest, res: GenResult) -> None:
         b = self.budget
@@ -196,31 +170,21 @@ class _Engine:
         c.prefix_hash, c.hashed = h, len(req.prompt_ids)
         b.prefill_tokens_shared += new
 
-    def _step(self, c: _Cont, res: GenResult) -> Node:
+    def _add_node(self, c: _Cont, turn: Turn) -> Node:
         core = unwrapped_forkable(c.env)
-        before = core.state.tool_calls
-        ids = tuple(int(t) for t in res.token_ids)
-        if c.split_idx is None:
-            text = res.text
-        else:
-            text = self.policy.decode(list(c.parent.full_action_ids[:c.split_idx]) + list(ids))
-        obs, reward, terminated, truncated, _info = c.env.step(text)
-        done = bool(terminated or truncated)
-        if done:
-            reward = float(reward)
-            if math.isnan(reward) or math.isinf(reward):
-                raise ValueError(f"env returned a non-finite reward {reward!r} (prompt {c.p}, tree "
-                                 f"{c.tree.tree_id})")
-        obs = obs or ""
-        obs_ids = tuple(int(t) for t in self.policy.encode(obs)) if obs else ()
-        self.budget.tool_calls += core.state.tool_calls - before
+        done = turn.terminated or turn.truncated
+        after = core.state.tool_calls
+        self.budget.tool_calls += after - c.tool_calls
+        c.tool_calls = after
         return c.tree.add(
-            c.parent, action_ids=ids, logprobs=tuple(float(x) for x in res.logprobs),
-            entropies=tuple(float(x) for x in res.entropies) if res.entropies is not None else None,
-            obs_ids=obs_ids, action_text=text, obs_text=obs, snapshot=env_snapshot(c.env),
-            finish_reason=res.finish_reason, terminal=done, truncated=bool(truncated) and not terminated,
-            reward=reward if done else None, anchor_key=_state_hash(core), split_idx=c.split_idx,
-            tool_calls=core.state.tool_calls, wave=c.wave)
+            c.parent, action_ids=tuple(turn.action_ids), logprobs=tuple(turn.action_logprobs),
+            entropies=tuple(turn.entropies) if turn.entropies is not None else None,
+            obs_ids=tuple(turn.observation_ids), action_text=turn.action_text,
+            obs_text=turn.observation, snapshot=env_snapshot(c.env),
+            finish_reason=turn.finish_reason, terminal=done,
+            truncated=turn.truncated and not turn.terminated,
+            reward=turn.reward if done else None, anchor_key=_state_hash(core),
+            split_idx=c.split_idx, tool_calls=after, wave=c.wave)
 
     def finish(self, K: int | None) -> tuple[list[Forest], Budget]:
         if K is not None:

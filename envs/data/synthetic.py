@@ -32,9 +32,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from treegym.envs.data.task import Task
+from treegym.paths import treegym_home
 
 # Bump whenever generation changes (names, templates, counts): cached worlds are keyed on it.
 # v2: corpus title lines without wiki-18's quotes (titles are now shown as is, Search-R1's rule).
@@ -638,8 +639,6 @@ def _cached_world(seed: int, params: dict[str, Any]) -> World:
 
 def world_dir(seed: int = 0, **params: Any) -> Path:
     """Where `synthetic_dataset` keeps the files of this world under `treegym_home()`."""
-    from treegym.envs.data.paths import treegym_home
-
     name = f"synthetic-v{WORLD_VERSION}-seed{seed}"
     if params:
         import hashlib
@@ -694,17 +693,23 @@ def synthetic_dataset(seed: int = 0, kinds: Iterable[str] | None = None, **param
 # `treegym world`
 
 
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """`treegym world --seed 0 --out DIR`: write the world's corpus, QA parquet and world.json."""
+def cli_main(argv: Sequence[str] | None = None,
+             site: Callable[[World, Path], str] | None = None) -> int:
+    """`treegym world --seed 0 --out DIR`: write the world's corpus, QA parquet and world.json.
+
+    ``site(world, dir)`` renders the world as a website and returns a line for the report; the
+    command passes `envs.site.write_world_site` (the data layer never imports the env modules
+    built on it), which adds the ``--site/--no-site`` flag."""
     parser = argparse.ArgumentParser(
         prog="treegym world",
         description="Generate the deterministic synthetic world: DIR/corpus.jsonl (wiki-18 "
                     "format), DIR/{train,dev,test}.parquet (Search-R1 format), DIR/world.json.")
     parser.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--site", action=argparse.BooleanOptionalAction, default=True,
-                        help="also render the world as an offline website in DIR/site/ for "
-                             "TreeWebAgent-v0 (default: yes)")
+    if site is not None:
+        parser.add_argument("--site", action=argparse.BooleanOptionalAction, default=True,
+                            help="also render the world as an offline website in DIR/site/ for "
+                                 "TreeWebAgent-v0 (default: yes)")
     for key in ("n_people", "n_cities", "n_countries", "n_orgs", "n_works", "n_questions"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
                             help=f"default {DEFAULT_PARAMS[key]}")
@@ -719,15 +724,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         print(f"treegym world: {exc}", file=sys.stderr)
         return 2
     paths = world.write(args.out)
-    site_note = ""
-    if args.site:
-        # The web env owns the rendering; imported lazily so `treegym world --no-site` never
-        # needs it. Written in place (not via a temp dir): a re-run rewrites the same bytes.
-        from treegym.envs.site import Site
-
-        site = Site.from_world(world)
-        site.write_html(args.out / "site")
-        site_note = f"  site    {args.out / 'site'}/  ({len(site)} pages)"
+    site_note = site(world, args.out / "site") if site is not None and args.site else ""
     dt = time.perf_counter() - t0
     c = world.counts()
     print(f"world seed={args.seed} version={WORLD_VERSION}: {c['entities']} entities, "

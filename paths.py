@@ -1,7 +1,9 @@
 """Where treegym keeps what it generates (worlds, indexes, models).
 
 One function so every module agrees on the cache root, and tests can redirect all of it with a
-single environment variable (``TREEGYM_HOME``) instead of patching paths module by module.
+single environment variable (``TREEGYM_HOME``) instead of patching paths module by module. It sits
+at the top of the package and imports nothing from it, so every layer (data, envs, retrieval
+indexes, agents) may use it without reaching backwards.
 """
 
 from __future__ import annotations

@@ -27,11 +27,18 @@ import torch
 
 from treegym.train import distributed as D
 from treegym.train.loss import AGG_MODES, total_loss
-from treegym.train.modeling import sequence_logprobs
+from treegym.train.logprobs import ForwardBatch, masked_logprobs
 
 ROWS, WIDTH, VOCAB = 7, 20, 96
 MICRO = 3  # rank 0 gets 4 rows (2 micro-batches), rank 1 gets 3 (1 + a dummy): exercises both
 LOSS_KW = dict(clip=0.2, dual_clip=3.0, kl_coef=0.05, entropy_coef=0.01, grad_clip=1.0)
+
+
+def sequence_logprobs(model, ids, attn, want_entropy=False):
+    """Log-probs (and entropies) at every real position but the first, padded layout."""
+    mask = torch.as_tensor(attn).clone()
+    mask[:, 0] = 0
+    return masked_logprobs(model, ForwardBatch.padded(ids, attn), mask, want_entropy=want_entropy)
 
 
 def tiny_model(seed: int = 0):
@@ -97,8 +104,9 @@ def _worker(out_dir: str) -> None:
     results = {}
     for strategy in ("fsdp", "ddp"):
         model = D.shard_model(tiny_model(), info, strategy=strategy)
+        every = local.fwd.gather >= 0  # every real token (the first of a row gets 0)
         lp, ent = D.rank_logprobs(model, local, micro_batch_rows=MICRO, want_entropy=True,
-                                  only_loss_tokens=False)
+                                  loss_mask=every)
         lp_loss, _ = D.rank_logprobs(model, local, micro_batch_rows=MICRO)
         torch.save({"logp": lp, "entropy": ent, "logp_loss": lp_loss},
                    Path(out_dir) / f"lp_{strategy}_rank{info.rank}.pt")
@@ -329,7 +337,9 @@ def test_shard_rows_partitions_the_batch():
     for world in (1, 2, 3, 8):
         parts = [D.shard_rows(b, r, world) for r in range(world)]
         assert sum(p.rows for p in parts) == ROWS
-        torch.testing.assert_close(torch.cat([p.input_ids for p in parts]), b.input_ids)
+        got = [row for p in parts for row in p.input_ids]  # each part trimmed to its width
+        for g, want in zip(got, b.input_ids, strict=True):
+            assert torch.equal(g, want[:len(g)]) and not want[len(g):].any()
     assert D.init_distributed(env={}).world_size == 1
 
 

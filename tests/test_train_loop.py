@@ -57,7 +57,8 @@ def test_sft_lowers_the_loss(sft_model):
 
 def test_updates_lower_the_pg_loss_and_change_weights(sft_model, small_world, tmp_path):
     from treegym.train.loss import policy_loss
-    from treegym.train.trainer import Trainer, masked_logprobs
+    from treegym.train.logprobs import ForwardBatch, masked_logprobs
+    from treegym.train.trainer import Trainer
     from treegym.tree import to_batch
 
     tr = Trainer(_cfg(sft_model, tmp_path, algo="tree_grpo"), dataset=small_world)
@@ -73,13 +74,13 @@ def test_updates_lower_the_pg_loss_and_change_weights(sft_model, small_world, tm
     ids, att = torch.as_tensor(batch.input_ids), torch.as_tensor(batch.attention_mask)
     mask, adv = torch.as_tensor(batch.loss_mask), torch.as_tensor(batch.advantages)
     with torch.no_grad():
-        old, _ = masked_logprobs(tr.model, ids, att, mask)
+        old, _ = masked_logprobs(tr.model, ForwardBatch.padded(ids, att), mask)
     start = float(policy_loss(old, old, adv, mask))
     for _ in range(3):
         stats = tr.update(batch)
         assert np.isfinite(stats["loss"]) and stats["grad_norm"] > 0
     with torch.no_grad():
-        new, _ = masked_logprobs(tr.model, ids, att, mask)
+        new, _ = masked_logprobs(tr.model, ForwardBatch.padded(ids, att), mask)
     assert float(policy_loss(new, old, adv, mask)) < start
     changed = [k for k, v in tr.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed

@@ -26,15 +26,21 @@ where it is the temperature-scaled distribution it draws from.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 # attention implementations that accept a dense 4-D mask per row (bool for SDPA, additive for eager)
 TREE_MASK_ATTENTION = ("sdpa", "eager")
+TREE_ATTENTION = "treegym_tree"  # what an "sdpa" model runs a packed forward with (below)
+BLOCK = 64  # queries per block of the tree attention
 
 
 def entropy(logits: torch.Tensor, logp: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,6 +138,31 @@ class ForwardBatch:
             tree_mask=None if self.tree_mask is None else self.tree_mask[fwd, :width, :width],
             labels=tuple(self.labels[i] for i in fwd.tolist()) if self.labels else ())
 
+    def flat(self) -> ForwardBatch:
+        """A packed batch as ONE row: its rows concatenated without their padding (the tree mask
+        keeps prompts apart, so nothing changes but the work: padding a short prompt group to
+        the longest one would cost as much as the group itself)."""
+        if not self.packed or self.rows <= 1:
+            return self
+        lengths = self.lengths.tolist()
+        s = self.input_ids.shape[1]
+        offsets = torch.tensor([0, *np.cumsum(lengths)[:-1].tolist()], device=self.input_ids.device)
+        n = int(sum(lengths))
+        cut = lambda x: torch.cat([x[r, :l] for r, l in enumerate(lengths)])[None]  # noqa: E731
+        prev = torch.cat([torch.where(self.prev[r, :l] >= 0, self.prev[r, :l] + offsets[r], -1)
+                          for r, l in enumerate(lengths)])[None]
+        mask = torch.zeros((1, n, n), dtype=torch.bool, device=self.input_ids.device)
+        for r, l in enumerate(lengths):
+            o = int(offsets[r])
+            mask[0, o:o + l, o:o + l] = self.tree_mask[r, :l, :l]
+        g = self.gather
+        gather = torch.where(g >= 0, offsets[(g // s).clamp_min(0)] + g % s, -1)
+        return ForwardBatch(input_ids=cut(self.input_ids), prev=prev,
+                            lengths=torch.tensor([n], device=self.lengths.device), gather=gather,
+                            row_of=torch.zeros_like(self.row_of),
+                            position_ids=cut(self.position_ids), tree_mask=mask,
+                            labels=("+".join(self.labels),) if self.labels else ())
+
     def to(self, device: torch.device) -> ForwardBatch:
         mv = lambda x: None if x is None else x.to(device)  # noqa: E731
         return ForwardBatch(input_ids=mv(self.input_ids), prev=mv(self.prev), lengths=mv(self.lengths),
@@ -201,6 +232,102 @@ def _attention(model: Any, fb: ForwardBatch) -> torch.Tensor:
     return mask  # SDPA: True = may attend
 
 
+# ----------------------------------------------------------------------------------------------
+# block-sparse attention under a tree mask
+
+
+@dataclass
+class _Plan:
+    """For every block of BLOCK consecutive packed queries: the keys any of them may see."""
+
+    inverse: torch.Tensor  # [R*S]: where each query's output sits in the concatenated blocks
+    # per group of blocks: query index [n, BLOCK] (the tail of a row clamped), key index
+    # [n, K], mask [n, 1, BLOCK, K], real query [n, BLOCK]
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+_plan_cache: tuple[Any, _Plan] | None = None
+
+
+def _plan(mask: torch.Tensor) -> _Plan:
+    """Blocks of the dense tree mask [R, 1, S, S], grouped by how many keys they need (so the
+    padding of a group stays small). Cached for the mask object: every layer of one forward gets
+    the same mask (a weak reference, so a new mask never reuses an old plan)."""
+    global _plan_cache
+    if _plan_cache is not None and _plan_cache[0]() is mask:
+        return _plan_cache[1]
+    r, s = mask.shape[0], mask.shape[-1]
+    dev = mask.device
+    nb = -(-s // BLOCK)
+    m = F.pad(mask[:, 0], (0, 0, 0, nb * BLOCK - s))  # padding queries see nothing
+    need = m.view(r, nb, BLOCK, s).any(2).reshape(r * nb, s)  # [blocks, keys]
+    counts = need.sum(-1)
+    order = torch.argsort(counts, stable=True)
+    queries, groups = [], []
+    for g in torch.tensor_split(order, min(4, len(order))):
+        row, blk = g // nb, g % nb
+        kmax = int(counts[g].max())
+        keys = torch.sort(need[g].to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :kmax]
+        kvalid = torch.arange(kmax, device=dev)[None] < counts[g][:, None]
+        qpos = blk[:, None] * BLOCK + torch.arange(BLOCK, device=dev)[None]
+        qvalid = qpos < s
+        qc = qpos.clamp(max=s - 1)
+        allowed = mask[row[:, None, None], 0, qc[:, :, None], keys[:, None, :]] & kvalid[:, None, :]
+        groups.append((row[:, None] * s + qc, row[:, None] * s + keys, allowed[:, None], qvalid))
+        queries.append((row[:, None] * s + qpos)[qvalid])
+    flat = torch.cat(queries)
+    inverse = torch.empty_like(flat)
+    inverse[flat] = torch.arange(len(flat), device=dev)
+    plan = _Plan(inverse=inverse, groups=groups)
+    _plan_cache = (weakref.ref(mask), plan)
+    return plan
+
+
+def tree_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor, dropout: float = 0.0,
+                   scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """SDPA under a dense boolean tree mask, computed block-sparse (a Hugging Face attention
+    function, registered as "treegym_tree").
+
+    Why: a packed prompt group is one long row (G16: ~2,000 tokens) whose tokens each see only
+    their ancestors — the prompt and their own chain — so dense attention over the row would
+    spend most of its work on masked pairs (more than the duplicated layout spends in total).
+    Here each block of BLOCK consecutive queries attends only to the union of the keys its
+    queries may see, with the exact mask inside; the result equals dense masked SDPA."""
+    plan = _plan(attention_mask)
+    r, h, s, d = query.shape
+    hkv = key.shape[1]
+    q = query.transpose(1, 2).reshape(r * s, h, d)
+    k = key.transpose(1, 2).reshape(r * s, hkv, d)
+    v = value.transpose(1, 2).reshape(r * s, hkv, d)
+    outs = []
+    for qi, ki, allowed, real in plan.groups:
+        o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), k[ki].transpose(1, 2),
+                                           v[ki].transpose(1, 2), attn_mask=allowed,
+                                           dropout_p=dropout, scale=scaling,
+                                           enable_gqa=hkv != h)
+        outs.append(o.transpose(1, 2)[real])
+    out = torch.cat(outs)[plan.inverse]
+    return out.view(r, s, h, d), None
+
+
+AttentionInterface.register(TREE_ATTENTION, tree_attention)
+
+
+@contextlib.contextmanager
+def _tree_kernel(model: Any, packed: bool):
+    """An SDPA model runs a packed forward with `tree_attention` (same numbers, block-sparse)."""
+    config = getattr(_unwrap(model), "config", None)
+    if not packed or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    config._attn_implementation = TREE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def masked_logprobs(model: Any, fb: ForwardBatch, loss_mask: torch.Tensor, *,
                     want_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(token | prefix) and (with `want_entropy`) the predictive entropy at every leaf
@@ -210,6 +337,7 @@ def masked_logprobs(model: Any, fb: ForwardBatch, loss_mask: torch.Tensor, *,
     a loss token (a packed parent predicting several children is projected once). Positions with
     no prediction (a row's first token) are 0 even when masked. Differentiable: a packed token
     shared by k leaves receives the sum of their gradients, as in the padded layout."""
+    fb = fb.flat()
     device = fb.input_ids.device
     r, s = fb.input_ids.shape
     if loss_mask.shape != fb.gather.shape:
@@ -232,13 +360,14 @@ def masked_logprobs(model: Any, fb: ForwardBatch, loss_mask: torch.Tensor, *,
                               use_cache=False)
     if fb.position_ids is not None:
         kw["position_ids"] = fb.position_ids
-    if _accepts_logits_to_keep(model):
-        logits = model(**kw, logits_to_keep=keep).logits
-        if logits.dim() != 2:  # an older model that read the mask as positions
-            raise RuntimeError(f"{type(_unwrap(model)).__name__} does not support a boolean "
-                               "logits_to_keep (needs transformers >= 5); upgrade transformers")
-    else:
-        logits = model(**kw).logits[keep]
+    with _tree_kernel(model, fb.packed):
+        if _accepts_logits_to_keep(model):
+            logits = model(**kw, logits_to_keep=keep).logits
+            if logits.dim() != 2:  # an older model that read the mask as positions
+                raise RuntimeError(f"{type(_unwrap(model)).__name__} does not support a boolean "
+                                   "logits_to_keep (needs transformers >= 5); upgrade transformers")
+        else:
+            logits = model(**kw).logits[keep]
     logits = logits.float()
     logsm = torch.log_softmax(logits, dim=-1)
     row = kept_index[pred]

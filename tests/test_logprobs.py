@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import treegym
+import treegym.train.logprobs as L
 from treegym.train import distributed as D
 from treegym.train.logprobs import (ForwardBatch, check_context, check_model_takes_tree_mask,
                                     masked_logprobs)
@@ -125,9 +126,16 @@ def random_batches(draw) -> Batch:
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=random_batches(), micro=st.sampled_from([None, 1, 2]))
-def test_packed_equals_duplicated_on_random_trees(model, batch, micro):
-    assert_packed_equals_duplicated(model, batch, micro)
+@given(batch=random_batches(), micro=st.sampled_from([None, 1, 2]),
+       block=st.sampled_from([4, 16, 128]))
+def test_packed_equals_duplicated_on_random_trees(model, batch, micro, block):
+    """`block`: the tree attention's query block; small blocks put several blocks (with different
+    key sets, groups and a clamped tail) in every row."""
+    default, L.BLOCK = L.BLOCK, block
+    try:
+        assert_packed_equals_duplicated(model, batch, micro)
+    finally:
+        L.BLOCK = default
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from treegym.train.loss import (agg_loss, entropy_from_logits, kl_k3, policy_loss, token_logprobs,
-                                total_loss)
+from treegym.train.logprobs import entropy
+from treegym.train.loss import agg_loss, kl_k3, policy_loss, total_loss
 
 LN = math.log
 
@@ -92,13 +92,12 @@ def test_kl_k3_hand_values():
     assert float(agg_loss(kl_k3(logp, ref), mask)) == pytest.approx((0.193147 + 0.901388) / 3, abs=1e-5)
 
 
-def test_entropy_and_logprobs_hand_values():
-    logits = torch.tensor([[[0.0, 0.0], [0.0, LN(3)]]])
-    # uniform over 2 -> ln 2; p = (1/4, 3/4) -> 0.25 ln 4 + 0.75 ln(4/3) = 0.562335
-    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[LN(2), 0.562335]]),
+def test_entropy_hand_values():
+    logits = torch.tensor([[[0.0, 0.0], [0.0, LN(3)], [0.0, -float("inf")]]])
+    # uniform over 2 -> ln 2; p = (1/4, 3/4) -> 0.25 ln 4 + 0.75 ln(4/3) = 0.562335; a token with
+    # probability 0 adds nothing (0 log 0 = 0), not NaN
+    torch.testing.assert_close(entropy(logits), torch.tensor([[LN(2), 0.562335, 0.0]]),
                                atol=1e-6, rtol=0)
-    lp = token_logprobs(logits, torch.tensor([[0, 1]]))
-    torch.testing.assert_close(lp, torch.tensor([[LN(0.5), LN(0.75)]]))
 
 
 def test_total_loss_combines_terms():

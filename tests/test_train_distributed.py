@@ -27,11 +27,18 @@ import torch
 
 from treegym.train import distributed as D
 from treegym.train.loss import AGG_MODES, total_loss
-from treegym.train.modeling import sequence_logprobs
+from treegym.train.logprobs import ForwardBatch, masked_logprobs
 
 ROWS, WIDTH, VOCAB = 7, 20, 96
 MICRO = 3  # rank 0 gets 4 rows (2 micro-batches), rank 1 gets 3 (1 + a dummy): exercises both
 LOSS_KW = dict(clip=0.2, dual_clip=3.0, kl_coef=0.05, entropy_coef=0.01, grad_clip=1.0)
+
+
+def logprobs_of_every_token(model, ids, attn, want_entropy=False):
+    """Log-probs (and entropies) at every real position but the first, padded layout."""
+    mask = torch.as_tensor(attn).clone()
+    mask[:, 0] = 0
+    return masked_logprobs(model, ForwardBatch.padded(ids, attn), mask, want_entropy=want_entropy)
 
 
 def tiny_model(seed: int = 0):
@@ -61,7 +68,7 @@ def fixed_batch() -> dict[str, np.ndarray]:
     loss[3] = 0  # a row without a sampled token (e.g. cut by max_length): counts as a row only
     adv = np.where(loss > 0, rng.normal(size=(ROWS, 1)) + 0.3 * rng.normal(size=(ROWS, WIDTH)), 0.0)
     with torch.no_grad():
-        lp, _ = sequence_logprobs(tiny_model(), torch.as_tensor(ids), torch.as_tensor(attn))
+        lp, _ = logprobs_of_every_token(tiny_model(), torch.as_tensor(ids), torch.as_tensor(attn))
     lp = lp.numpy()
     old = np.where(loss > 0, lp + 0.4 * rng.normal(size=lp.shape), 0.0)
     ref = np.where(loss > 0, lp + 0.2 * rng.normal(size=lp.shape), 0.0)
@@ -97,8 +104,9 @@ def _worker(out_dir: str) -> None:
     results = {}
     for strategy in ("fsdp", "ddp"):
         model = D.shard_model(tiny_model(), info, strategy=strategy)
+        every = local.fwd.gather >= 0  # every real token (the first of a row gets 0)
         lp, ent = D.rank_logprobs(model, local, micro_batch_rows=MICRO, want_entropy=True,
-                                  only_loss_tokens=False)
+                                  loss_mask=every)
         lp_loss, _ = D.rank_logprobs(model, local, micro_batch_rows=MICRO)
         torch.save({"logp": lp, "entropy": ent, "logp_loss": lp_loss},
                    Path(out_dir) / f"lp_{strategy}_rank{info.rank}.pt")
@@ -178,7 +186,7 @@ def test_single_process_step_is_the_plain_total_loss(single):
     """With one process the helper reduces to train.loss.total_loss on the whole batch."""
     b = {k: torch.as_tensor(v) for k, v in fixed_batch().items()}
     with torch.no_grad():
-        logp, ent = sequence_logprobs(tiny_model(), b["input_ids"], b["attention_mask"], True)
+        logp, ent = logprobs_of_every_token(tiny_model(), b["input_ids"], b["attention_mask"], True)
         loss, _ = total_loss(logp, b["old_logprobs"], b["advantages"], b["loss_mask"].float(),
                              ref_logp=b["ref_logprobs"], entropy=ent, kl_coef=LOSS_KW["kl_coef"],
                              entropy_coef=LOSS_KW["entropy_coef"])
@@ -232,7 +240,7 @@ def test_sharded_logprobs_equal_a_full_forward(two_procs, strategy):
     b = fixed_batch()
     ids, attn = torch.as_tensor(b["input_ids"]), torch.as_tensor(b["attention_mask"])
     with torch.no_grad():
-        lp, ent = sequence_logprobs(tiny_model(), ids, attn, want_entropy=True)
+        lp, ent = logprobs_of_every_token(tiny_model(), ids, attn, want_entropy=True)
     real = attn.bool()
     got_lp = torch.cat([p["logp"] for p in parts])
     got_ent = torch.cat([p["entropy"] for p in parts])
@@ -329,7 +337,9 @@ def test_shard_rows_partitions_the_batch():
     for world in (1, 2, 3, 8):
         parts = [D.shard_rows(b, r, world) for r in range(world)]
         assert sum(p.rows for p in parts) == ROWS
-        torch.testing.assert_close(torch.cat([p.input_ids for p in parts]), b.input_ids)
+        got = [row for p in parts for row in p.input_ids]  # each part trimmed to its width
+        for g, want in zip(got, b.input_ids, strict=True):
+            assert torch.equal(g, want[:len(g)]) and not want[len(g):].any()
     assert D.init_distributed(env={}).world_size == 1
 
 

@@ -73,39 +73,28 @@ def test_packed_form_stores_each_prefix_once(sampled, kind):
     batch = to_batch(forests)
     packed = batch.pack()
     assert packed.num_tokens < batch.num_tokens
+    assert packed.uids == [f.uid for f in forests]  # one packed row per prompt group
     real = batch.attention_mask.astype(bool)
     assert np.array_equal(packed.unpack(packed.input_ids)[real], batch.input_ids[real])
     assert np.array_equal(packed.unpack(packed.position_ids)[real], batch.position_ids[real])
     assert np.all(packed.gather_index[~real] == -1)
+    s = packed.input_ids.shape[1]
+    for r, uid in enumerate(batch.uids):  # a leaf lives in its prompt's packed row
+        assert set((packed.gather_index[r][real[r]] // s).tolist()) == {packed.uids.index(uid)}
     mask = packed.attention_mask()
-    for i in range(0, packed.num_tokens, 13):  # a token sees itself and exactly its ancestors
-        anc, p = {i}, packed.parent[i]
-        while p >= 0:
-            anc.add(int(p))
-            p = packed.parent[p]
-        assert set(np.nonzero(mask[i])[0].tolist()) == anc
-        assert packed.position_ids[i] == len(anc) - 1
-    # distinct prefixes: no two packed tokens share (parent, token)
-    pairs = list(zip(packed.parent.tolist(), packed.input_ids.tolist()))
-    assert len(pairs) == len(set(pairs))
-
-
-def test_packed_logprobs_equal_duplicated_logprobs_with_a_small_llama(sampled):
-    torch = pytest.importorskip("torch")
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from treegym.tree.batch import packed_token_logprobs, token_logprobs
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).eval()
-    forests, _ = sampled["token"]
-    batch = to_batch(forests[:1])
-    dup = token_logprobs(model, batch)
-    packed = packed_token_logprobs(model, batch.pack())
-    real = batch.attention_mask.astype(bool)
-    real[:, 0] = False
-    assert np.allclose(dup[real], packed[real], atol=1e-4)
+    for p in range(len(packed.uids)):
+        n = int(packed.lengths[p])
+        for i in range(0, n, 13):  # a token sees itself and exactly its ancestors
+            anc, q = {i}, packed.parent[p, i]
+            while q >= 0:
+                anc.add(int(q))
+                q = packed.parent[p, q]
+            assert set(np.nonzero(mask[p, i])[0].tolist()) == anc
+            assert packed.position_ids[p, i] == len(anc) - 1
+        # distinct prefixes: no two packed tokens of a row share (parent, token)
+        pairs = list(zip(packed.parent[p, :n].tolist(), packed.input_ids[p, :n].tolist()))
+        assert len(pairs) == len(set(pairs))
+        assert not mask[p, n:, :n].any()  # padding sees only itself
 
 
 def test_to_batch_bad_input():

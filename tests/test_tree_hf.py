@@ -5,10 +5,11 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from treegym.tree import advantages as A
 from treegym.tree import rollout, to_batch
-from treegym.tree.batch import packed_token_logprobs, token_logprobs
+from treegym.train.logprobs import ForwardBatch, masked_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,15 @@ def test_behaviour_logprobs_match_a_recomputation_and_the_packed_form(setup):
     policy, forests, budget = setup
     assert budget.leaves == 2 * 2 * 3 and budget.generated_tokens > 0
     batch = to_batch(forests, A.tree_grpo(forests))
-    dup = token_logprobs(policy.model, batch)
     packed = batch.pack()
     assert packed.num_tokens < batch.num_tokens
-    from_packed = packed_token_logprobs(policy.model, packed)
+    every = torch.as_tensor(batch.attention_mask).clone()
+    every[:, 0] = 0
+    with torch.no_grad():
+        dup = masked_logprobs(policy.model, ForwardBatch.padded(batch.input_ids,
+                                                                batch.attention_mask), every)[0]
+        from_packed = masked_logprobs(policy.model, ForwardBatch.from_packed(packed), every)[0]
+    dup, from_packed = dup.numpy(), from_packed.numpy()
     m = batch.loss_mask.astype(bool)
     assert np.allclose(dup[m], batch.old_logprobs[m], atol=2e-3)
     real = batch.attention_mask.astype(bool)

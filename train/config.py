@@ -100,6 +100,25 @@ class SGLangConfig:
 
 
 @dataclass
+class UpdateConfig:
+    """How the policy update is computed. None of these changes the math: each switch only skips
+    work whose result is known, and tests/test_train_update.py checks that flipping it changes
+    no number beyond float rounding (1e-5)."""
+
+    # each prompt group (its chains, or its trees) is one packed sequence: every shared prefix
+    # goes through the transformer once, under a tree attention mask (needs attn_implementation
+    # 'sdpa' or 'eager'); off = one padded row per leaf (the duplicated layout)
+    packed: bool = True
+    # the first minibatch of the first epoch runs on the rollout's weights, so its "old"
+    # log-probs are its own training forward's (detached); the no-grad old pass covers only the
+    # other minibatches (with one minibatch and one epoch it disappears)
+    old_from_update: bool = True
+    # while the policy still holds the reference's weights (step 0 of a fresh run) the reference
+    # log-probs are the old ones: the reference pass is skipped
+    ref_while_unchanged: bool = True
+
+
+@dataclass
 class TrainConfig:
     """RL training run (`treegym train`)."""
 
@@ -141,6 +160,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from treegym.train.loss import AGG_MODES, total_loss
-from treegym.train.modeling import sequence_logprobs
+from treegym.train.logprobs import ForwardBatch, masked_logprobs
 
 Strategy = Literal["fsdp", "ddp", "none"]
 STRATEGIES: tuple[str, ...] = ("fsdp", "ddp", "none")
@@ -302,11 +302,11 @@ def autocast(model: nn.Module, device: torch.device) -> contextlib.AbstractConte
 
 @dataclass
 class StepBatch:
-    """Right-padded tensors [B, T] for one policy update, aligned like `treegym.tree.to_batch`:
-    the value at position t describes token `input_ids[t]` (position 0 has no prediction)."""
+    """One update's data on this rank: what the model runs on (`fwd`, padded or packed, see
+    `treegym.train.logprobs.ForwardBatch`) and the per-leaf-token tensors of the loss [B, T],
+    aligned like `treegym.tree.to_batch` (the value at t describes token t of a leaf row)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    fwd: ForwardBatch
     loss_mask: torch.Tensor
     advantages: torch.Tensor
     old_logprobs: torch.Tensor
@@ -316,14 +316,21 @@ class StepBatch:
 
     @property
     def rows(self) -> int:
-        return int(self.input_ids.shape[0])
+        """Leaf rows (one per kept leaf)."""
+        return int(self.loss_mask.shape[0])
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The token ids the model runs on (the leaf rows themselves when padded)."""
+        return self.fwd.input_ids
 
     @classmethod
-    def from_any(cls, batch: Any) -> StepBatch:
+    def from_any(cls, batch: Any, *, packed: bool = False) -> StepBatch:
         """Accept a `StepBatch`, a `treegym.tree.batch.Batch` (numpy) or a mapping with the keys
         input_ids, attention_mask, loss_mask, advantages, old_logprobs (and optional
-        ref_logprobs); also the aliases ``mask`` and ``old_logp``. Shapes are checked here so a
-        wrong batch fails with its field's name, not deep inside the model."""
+        ref_logprobs); also the aliases ``mask`` and ``old_logp``. With `packed` (a tree `Batch`
+        only: it knows the prompt of each row) each prompt group becomes one packed row. Shapes
+        are checked here so a wrong batch fails with its field's name, not deep inside the model."""
         if isinstance(batch, StepBatch):
             return batch
         if isinstance(batch, Mapping):
@@ -347,11 +354,7 @@ class StepBatch:
                 out[k] = None
                 continue
             t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
-            if k in ("input_ids", "attention_mask", "loss_mask"):
-                t = t.long()
-            else:
-                t = t.float()
-            out[k] = t
+            out[k] = t.long() if k in ("input_ids", "attention_mask", "loss_mask") else t.float()
         ids = out["input_ids"]
         if ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
@@ -359,29 +362,36 @@ class StepBatch:
             if t is not None and t.shape != ids.shape:
                 raise ValueError(f"batch field {k!r} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(ids.shape)} (same as input_ids)")
-        return cls(**out)  # type: ignore[arg-type]
+        if packed:
+            if not hasattr(batch, "pack"):
+                raise ValueError("packed=True needs a treegym.tree Batch (its uids say which rows "
+                                 "share a prompt)")
+            fwd = ForwardBatch.from_packed(batch.pack())
+        else:
+            fwd = ForwardBatch.padded(ids, out["attention_mask"])
+        return cls(fwd=fwd, loss_mask=out["loss_mask"], advantages=out["advantages"],
+                   old_logprobs=out["old_logprobs"], ref_logprobs=out["ref_logprobs"])
 
-    def select(self, rows: slice) -> StepBatch:
-        return StepBatch(**{k: (None if v is None else v[rows]) for k, v in self._items()})
+    def take(self, rows: Any) -> StepBatch:
+        """These leaf rows, in this order (whole prompts when packed), trimmed to the widths
+        they use."""
+        rows = list(rows)
+        fwd = self.fwd.take(rows)
+        idx, width = torch.tensor(rows, dtype=torch.long), fwd.gather.shape[1]
+        cut = lambda x: None if x is None else x[idx, :width]  # noqa: E731
+        return StepBatch(fwd=fwd, loss_mask=cut(self.loss_mask), advantages=cut(self.advantages),
+                         old_logprobs=cut(self.old_logprobs), ref_logprobs=cut(self.ref_logprobs))
 
-    def take(self, rows: list[int]) -> StepBatch:
-        """These rows, in this order (a minibatch of whole prompts out of a rank's rows)."""
-        idx = torch.tensor(list(rows), dtype=torch.long)
-        return StepBatch(**{k: (None if v is None else v[idx]) for k, v in self._items()})
-
-    def trimmed(self) -> StepBatch:
-        """Drop right padding columns no row uses (saves compute; loss denominators are taken
-        before trimming where they depend on the width)."""
-        width = int(self.attention_mask.sum(-1).max()) if self.rows else 0
-        width = max(width, 2)  # sequence_logprobs needs two positions to predict one
-        return StepBatch(**{k: (None if v is None else v[:, :width]) for k, v in self._items()})
+    def with_logprobs(self, old: torch.Tensor | None = None, ref: torch.Tensor | None = None
+                      ) -> StepBatch:
+        return dataclasses.replace(self, old_logprobs=self.old_logprobs if old is None else old,
+                                   ref_logprobs=ref)
 
     def to(self, device: torch.device) -> StepBatch:
-        return StepBatch(**{k: (None if v is None else v.to(device)) for k, v in self._items()})
-
-    def _items(self) -> Iterator[tuple[str, torch.Tensor | None]]:
-        for k in (*self._FIELDS, "ref_logprobs"):
-            yield k, getattr(self, k)
+        mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return StepBatch(fwd=self.fwd.to(device), loss_mask=mv(self.loss_mask),
+                         advantages=mv(self.advantages), old_logprobs=mv(self.old_logprobs),
+                         ref_logprobs=mv(self.ref_logprobs))
 
 
 def shard_rows(batch: Any, rank: int, world_size: int) -> StepBatch:
@@ -391,7 +401,7 @@ def shard_rows(batch: Any, rank: int, world_size: int) -> StepBatch:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     bounds = np.linspace(0, b.rows, world_size + 1).round().astype(int)
-    return b.select(slice(int(bounds[rank]), int(bounds[rank + 1])))
+    return b.take(range(int(bounds[rank]), int(bounds[rank + 1])))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,20 +433,32 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.cpu().tolist()
 
 
-def _chunks(b: StepBatch, micro_rows: int | None) -> list[StepBatch]:
+def _chunks(b: StepBatch, micro_rows: int | None) -> list[tuple[list[int], StepBatch]]:
+    """Micro-batches of `micro_rows` forward rows (leaf rows when padded, prompts when packed),
+    each with the leaf rows it holds."""
     if b.rows == 0:
         return []
-    step = b.rows if not micro_rows else micro_rows
-    return [b.select(slice(i, i + step)) for i in range(0, b.rows, step)]
+    order = b.fwd.row_of.tolist()
+    fwd_rows = list(dict.fromkeys(order))
+    step = len(fwd_rows) if not micro_rows else micro_rows
+    out = []
+    for i in range(0, len(fwd_rows), step):
+        part = set(fwd_rows[i:i + step])
+        rows = [j for j, r in enumerate(order) if r in part]
+        out.append((rows, b.take(rows)))
+    return out
 
 
 def _dummy(b: StepBatch) -> StepBatch:
-    """One all-padding row with no loss token: lets a rank with no (or fewer) micro-batches join
+    """One two-token row with no loss token: lets a rank with no (or fewer) micro-batches join
     the collectives of every forward/backward, contributing exactly zero gradient."""
     z = torch.zeros((1, 2), dtype=torch.long)
     f = torch.zeros((1, 2), dtype=torch.float32)
-    return StepBatch(input_ids=z, attention_mask=torch.ones_like(z), loss_mask=z.clone(),
-                     advantages=f, old_logprobs=f.clone(),
+    fwd = ForwardBatch.padded(z, torch.ones_like(z))
+    if b.fwd.packed:
+        fwd = dataclasses.replace(fwd, position_ids=torch.arange(2)[None],
+                                  tree_mask=torch.tril(torch.ones(1, 2, 2, dtype=torch.bool)))
+    return StepBatch(fwd=fwd, loss_mask=z.clone(), advantages=f, old_logprobs=f.clone(),
                      ref_logprobs=None if b.ref_logprobs is None else f.clone())
 
 
@@ -468,82 +490,34 @@ def _total_norm(norm: torch.Tensor) -> float:
     return float(norm)
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def loss_token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        loss_mask: torch.Tensor, want_entropy: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Like `treegym.train.modeling.sequence_logprobs`, but the LM head runs only where a loss
-    token is predicted (0 elsewhere). Why: with a real vocabulary (Qwen2.5: 151,936) the fp32
-    logits of every position dominate memory, and a rollout row has far more prompt and
-    observation tokens than sampled ones. It goes through the model's own forward with a boolean
-    `logits_to_keep` (transformers >= 5), so FSDP2's root hooks run — calling `model.model` and
-    `model.lm_head` separately would meet sharded root weights. Falls back to full logits for a
-    model that ignores a boolean `logits_to_keep`."""
-    if not _accepts_logits_to_keep(model):
-        return sequence_logprobs(model, input_ids, attention_mask, want_entropy=want_entropy)
-    sel = loss_mask[:, 1:].bool()
-    keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    keep[:, :-1] = sel
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   logits_to_keep=keep).logits
-    if logits.dim() != 2:  # an older model that read the mask as positions: not usable
-        raise RuntimeError(f"{type(unwrap(model)).__name__} does not support a boolean "
-                           "logits_to_keep (needs transformers >= 5); upgrade transformers")
-    logits = logits.float()
-    logsm = torch.log_softmax(logits, dim=-1)
-    lp = logsm.gather(-1, input_ids[:, 1:][sel].unsqueeze(-1)).squeeze(-1)
-    full = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    where = torch.zeros_like(keep)
-    where[:, 1:] = sel
-    logp = full.masked_scatter(where, lp)
-    ent = None
-    if want_entropy:
-        ent = full.masked_scatter(where, torch.logsumexp(logits, -1) - (logsm.exp() * logits).sum(-1))
-    return logp, ent
-
-
 @torch.no_grad()
 def rank_logprobs(model: nn.Module, batch: Any, *, micro_batch_rows: int | None = None,
-                  want_entropy: bool = False, only_loss_tokens: bool = True
+                  want_entropy: bool = False, loss_mask: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of this rank's rows, shaped like its `input_ids`, on the CPU —
-    the "old" and reference log-probs of a PPO step. Under FSDP2 every forward all-gathers, so
-    every rank runs the same number of forwards (padding micro-batches where it has fewer rows);
-    call it on all ranks together. Same alignment as `treegym.train.modeling.sequence_logprobs`;
-    with `only_loss_tokens` (what a PPO step needs) positions without a loss token are 0 and the
-    LM head runs only on loss tokens (`loss_token_logprobs`)."""
+    """Log-probs (and entropies) of this rank's leaf rows at their loss tokens (`loss_mask`, default
+    the batch's), 0 elsewhere, shaped like the loss layout, on the CPU — the "old" and reference
+    log-probs of a PPO step. Under FSDP2 every forward all-gathers, so every rank runs the same
+    number of forwards (padding micro-batches where it has fewer rows); call it on all ranks
+    together."""
     local = StepBatch.from_any(batch)
+    if loss_mask is not None:
+        local = dataclasses.replace(local, loss_mask=loss_mask.long())
     device = next(unwrap(model).parameters()).device
     chunks = _chunks(local, micro_batch_rows)
     n = int(_all_reduce([float(len(chunks))], op="max")[0])
-    logp = torch.zeros(local.input_ids.shape, dtype=torch.float32)
+    logp = torch.zeros(local.loss_mask.shape, dtype=torch.float32)
     ent = torch.zeros_like(logp) if want_entropy else None
-    start = 0
     for i in range(max(n, 1)):
         real = i < len(chunks)
-        chunk = chunks[i].trimmed() if real else _dummy(local)
+        rows, chunk = chunks[i] if real else ([], _dummy(local))
         c = chunk.to(device)
         with autocast(model, device):
-            if only_loss_tokens:
-                lp, e = loss_token_logprobs(model, c.input_ids, c.attention_mask, c.loss_mask,
-                                            want_entropy=want_entropy)
-            else:
-                lp, e = sequence_logprobs(model, c.input_ids, c.attention_mask,
-                                          want_entropy=want_entropy)
+            lp, e = masked_logprobs(model, c.fwd, c.loss_mask, want_entropy=want_entropy)
         if real:
-            rows, width = chunk.rows, chunk.input_ids.shape[1]
-            logp[start:start + rows, :width] = lp.float().cpu()
+            idx, width = torch.tensor(rows), lp.shape[1]
+            logp[idx, :width] = lp.float().cpu()
             if ent is not None and e is not None:
-                ent[start:start + rows, :width] = e.float().cpu()
-            start += rows
+                ent[idx, :width] = e.float().cpu()
     return logp, ent
 
 
@@ -556,20 +530,27 @@ def policy_update_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch
                        dual_clip: float | None = 3.0, kl_coef: float = 0.0,
                        entropy_coef: float = 0.0, agg: str = "token-mean",
                        grad_clip: float | None = 1.0, micro_batch_rows: int | None = None,
-                       scheduler: Any = None, compute_entropy: bool | None = None
+                       scheduler: Any = None, compute_entropy: bool | None = None,
+                       old_from_forward: bool = False, ref_from_forward: bool = False
                        ) -> dict[str, float]:
-    """One optimizer step on this rank's rows of the global batch.
+    """One optimizer step on this rank's rows of the global (mini)batch — THE training step,
+    with one process (world size 1: no collective runs) and under torchrun alike.
 
     `batch` holds THIS rank's rows (use `shard_rows` on a global batch, or give each rank its own
     rollouts); with one process it is the whole batch. The loss is `treegym.train.loss.total_loss`
     (dual-clip PPO via `policy_loss`, + kl_coef * k3 KL when the batch has ref_logprobs, −
     entropy_coef * entropy), aggregated over the GLOBAL batch (module docstring), so loss, gradients,
     the clipped grad norm and the update equal a single-process step on all rows. `micro_batch_rows`
-    splits the local rows for gradient accumulation (memory), without changing the result.
-    `compute_entropy` (default: only when entropy_coef != 0) also reports the entropy.
+    splits the local forward rows (leaf rows, or prompts when packed) for gradient accumulation
+    (memory), without changing the result. `compute_entropy` (default: only when entropy_coef != 0)
+    also reports the entropy. `old_from_forward`: the weights are still those of the rollout, so
+    the old log-probs are this forward's own (detached) — the skipped "old" pass would have
+    computed the same numbers (and the batch's old_logprobs, then, are only logged against);
+    `ref_from_forward` likewise for the reference log-probs while the policy equals the reference.
 
     Returns global metrics (identical on every rank): loss, pg_loss, kl, entropy, clipfrac,
-    clipfrac_lower, approx_kl, grad_norm (before clipping), tokens, rows, lr.
+    clipfrac_lower, approx_kl, grad_norm (before clipping), tokens, rows, lr; with
+    `old_from_forward` also `old_logprobs` (this rank's, CPU, loss layout).
     """
     if info is None:
         info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size()) \
@@ -579,19 +560,19 @@ def policy_update_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch
     if micro_batch_rows is not None and micro_batch_rows <= 0:
         raise ValueError(f"micro_batch_rows must be > 0, got {micro_batch_rows}")
     local = StepBatch.from_any(batch)
-    # position 0 has no prediction (sequence_logprobs puts 0 there): never a loss token
+    # position 0 has no prediction (masked_logprobs puts 0 there): never a loss token
     first_free = local.loss_mask.clone()
     first_free[:, :1] = 0
     local = dataclasses.replace(local, loss_mask=first_free)
     device = next(unwrap(model).parameters()).device
-    want_kl = bool(kl_coef) and local.ref_logprobs is not None
+    want_kl = bool(kl_coef) and (local.ref_logprobs is not None or ref_from_forward)
     want_ent = bool(entropy_coef) if compute_entropy is None else bool(compute_entropy or entropy_coef)
 
-    chunks = [(c.trimmed(), False) for c in _chunks(local, micro_batch_rows)]
+    chunks = [(rows, c, False) for rows, c in _chunks(local, micro_batch_rows)]
     sums = _all_reduce([float(local.loss_mask.sum()), float(local.rows),
                         agg_denominator(local.loss_mask, agg)
                         if agg != "seq-mean-token-sum-norm" else 0.0])
-    maxes = _all_reduce([float(local.input_ids.shape[-1]) if local.rows else 0.0,
+    maxes = _all_reduce([float(local.loss_mask.shape[-1]) if local.rows else 0.0,
                          float(len(chunks))], op="max")
     tokens, rows = sums[0], sums[1]
     global_denom = maxes[0] if agg == "seq-mean-token-sum-norm" else sums[2]
@@ -599,32 +580,36 @@ def policy_update_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch
     tokens_denom = max(tokens, 1.0)
     n_chunks = int(maxes[1])
     while len(chunks) < max(n_chunks, 1):
-        chunks.append((_dummy(local), True))
+        chunks.append(([], _dummy(local), True))
     # DDP and FSDP2 average gradients over ranks; the world size turns that average into the sum.
     grad_scale = float(info.world_size) if (_is_ddp(model) or _is_fsdp(model)) else 1.0
 
     optimizer.zero_grad(set_to_none=True)
     acc = {k: 0.0 for k in (*_TOKEN_STATS, *_AGG_STATS)}
+    old_seen = torch.zeros(local.loss_mask.shape, dtype=torch.float32) if old_from_forward else None
     model.train()
-    for i, (chunk, is_dummy) in enumerate(chunks):
+    for i, (rows_i, chunk, is_dummy) in enumerate(chunks):
         chunk = chunk.to(device)
         with _grad_sync(model, i == len(chunks) - 1), autocast(model, device):
-            logp, ent = loss_token_logprobs(model, chunk.input_ids, chunk.attention_mask,
-                                            chunk.loss_mask, want_entropy=want_ent)
+            logp, ent = masked_logprobs(model, chunk.fwd, chunk.loss_mask, want_entropy=want_ent)
+            old = logp.detach() if old_from_forward else chunk.old_logprobs
+            ref = logp.detach() if ref_from_forward else chunk.ref_logprobs
             loss, stats = total_loss(
-                logp, chunk.old_logprobs, chunk.advantages, chunk.loss_mask,
-                ref_logp=chunk.ref_logprobs if want_kl else None, entropy=ent, clip=clip,
+                logp, old, chunk.advantages, chunk.loss_mask,
+                ref_logp=ref if want_kl else None, entropy=ent, clip=clip,
                 dual_clip=dual_clip, kl_coef=kl_coef if want_kl else 0.0,
                 entropy_coef=entropy_coef, agg=agg)
             n_tok = 0.0 if is_dummy else float(chunk.loss_mask.sum())
             d = 0.0 if is_dummy else agg_denominator(chunk.loss_mask, agg)
             (loss * (d / global_denom) * grad_scale).backward()
+        if old_seen is not None and not is_dummy:
+            old_seen[torch.tensor(rows_i), :old.shape[1]] = old.float().cpu()
         for k in _TOKEN_STATS:
             acc[k] += stats.get(k, 0.0) * n_tok
         for k in _AGG_STATS:
             acc[k] += stats.get(k, 0.0) * d
     reduced = _all_reduce([acc[k] for k in (*_TOKEN_STATS, *_AGG_STATS)])
-    out = {k: v / tokens_denom for k, v in zip(_TOKEN_STATS, reduced[:len(_TOKEN_STATS)])}
+    out: dict[str, Any] = {k: v / tokens_denom for k, v in zip(_TOKEN_STATS, reduced[:len(_TOKEN_STATS)])}
     out.update({k: v / global_denom for k, v in zip(_AGG_STATS, reduced[len(_TOKEN_STATS):])})
     if not want_kl:
         out.pop("kl")
@@ -643,6 +628,8 @@ def policy_update_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch
         scheduler.step()
     out["tokens"] = tokens
     out["rows"] = rows
+    if old_seen is not None:
+        out["old_logprobs"] = old_seen
     return out
 
 
@@ -900,8 +887,7 @@ def bench_main(argv: list[str] | None = None) -> int:
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "is_main", "barrier",
            "rank0_print", "all_gather_objects", "broadcast_object", "all_reduce_floats",
            "copy_full_weights", "decoder_layers", "mixed_precision_policy", "shard_model", "unwrap",
-           "autocast", "StepBatch", "shard_rows", "agg_denominator", "loss_token_logprobs",
-           "rank_logprobs",
+           "autocast", "StepBatch", "shard_rows", "agg_denominator", "rank_logprobs",
            "policy_update_step",
            "gather_full_state_dict", "gather_full_grads", "save_pretrained_rank0",
            "save_checkpoint_rank0", "load_checkpoint_distributed", "optimizer_state_by_name",

@@ -2,9 +2,10 @@
 
 Why these exact formulas: Tree-GRPO's numbers come from verl's `compute_policy_loss` (dual-clip
 PPO, log-ratio clamped to +-20, token-mean), `kl_penalty(..., "low_var_kl")` (the k3 estimator,
-clamped to +-10) and `entropy_from_logits`. Reproducing a paper's claim with a different loss would
-not test the claim, so the functions below follow verl line by line (verl/trainer/ppo/core_algos.py)
-and the unit tests pin them to hand-computed values.
+clamped to +-10) and `entropy_from_logits` (its value: `treegym.train.logprobs.entropy`).
+Reproducing a paper's claim with a different loss would not test the claim, so the functions
+below follow verl line by line (verl/trainer/ppo/core_algos.py) and the unit tests pin them to
+hand-computed values.
 
 All functions take per-token tensors of shape (batch, seq) and a 0/1 `mask` of the same shape: the
 mask is 1 on tokens the policy sampled and 0 on prompt, observation and padding tokens, so the
@@ -111,18 +112,6 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     kl = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     k3 = torch.exp(kl) - kl - 1.0
     return torch.clamp(k3, -KL_CLAMP, KL_CLAMP)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(logits) over the last dim: logsumexp(z) - sum(p*z)."""
-    logits = logits.float()
-    pd = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (pd * logits).sum(-1)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position, computed in fp32 (bf16 log-probs drift)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def total_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,

@@ -46,6 +46,7 @@ from treegym.envs.web_agent import oracle_actions
 from treegym.retrieval_index import Hit, iter_corpus
 from treegym.train.evaluate import evaluate, make_env, select_tasks
 from treegym.train.modeling import warmup_lambda
+from treegym.train.logprobs import ForwardBatch, masked_logprobs
 
 WARMSTART_DIR = Path(__file__).resolve().parent / "warmstart"
 
@@ -143,20 +144,16 @@ def _lm_batch(rows: list[tuple[list[int], list[int]]], pad: int, action_only: bo
 
 
 def selected_lm_loss(model: Any, ids: Any, att: Any, labels: Any) -> Any:
-    """Next-token cross-entropy computed only where a label exists.
+    """Next-token cross-entropy, averaged over the positions that have a label.
 
     Why not `model(labels=...)`: with a ~7k-token vocabulary (BPE + one token per entity) the
-    logits of every position dominate a tiny model's step; projecting only the labelled
-    positions through the LM head is the same loss at a fraction of the cost.
+    logits of every position dominate a tiny model's step; `masked_logprobs` projects only the
+    labelled positions through the LM head (the same loss at a fraction of the cost).
     """
-    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if base is None or head is None:
-        return model(input_ids=ids, attention_mask=att, labels=labels, use_cache=False).loss
-    hidden = base(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
-    target = labels[:, 1:]
-    sel = target != -100
-    logits = head(hidden[:, :-1][sel])
-    return torch.nn.functional.cross_entropy(logits.float(), target[sel])
+    mask = labels != -100
+    mask[:, 0] = False  # the first token has no prediction
+    logp, _ = masked_logprobs(model, ForwardBatch.padded(ids, att), mask)
+    return -logp.sum() / mask.sum().clamp_min(1)
 
 
 def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps: int = 2000,

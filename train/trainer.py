@@ -10,19 +10,28 @@ flag; `--config file.yaml` for a base). One step:
    (EPTree, token-level forks)); every generation
    is seeded from (seed, step), so a run is reproducible;
 3. advantages from the forest (`tree.advantages.<algo>`), expanded to tokens by `to_batch`;
-4. "old" log-probs recomputed with the same weights (verl does the same; the sampler's log-probs
-   are logged as a check) and reference log-probs from the frozen start model when KL is on;
+4. the batch is packed: each prompt group (its G chains, or its M trees) becomes one sequence in
+   which every shared prefix appears once, under a tree attention mask (`tree.batch.pack`,
+   `train.logprobs`); "old" log-probs are recomputed with the same weights (verl does the same;
+   the sampler's log-probs are logged as a check) and reference log-probs come from the frozen
+   start model when KL is on;
 5. minibatches of whole prompts (all leaves of a prompt stay together), dual-clip PPO + k3 KL -
-   entropy (`train.loss`), AdamW, grad-norm clip, linear warm-up;
+   entropy (`train.loss`) on the duplicated per-leaf layout (packed log-probs are gathered back
+   into it, so the loss is the unpacked one), AdamW, grad-norm clip, linear warm-up;
 6. metrics to `metrics.jsonl` and TensorBoard; dev eval every `eval_every` steps; atomic
    checkpoint every `save_every` steps and at the end; Ctrl-C saves one before exiting.
+
+Work whose result is known is skipped (`TrainConfig.update`, each switch tested to change no
+number): the first minibatch takes its old log-probs from its own training forward (same
+weights), and the reference pass is skipped while the policy still equals the reference.
 
 Why prompts are never split across minibatches: a prompt's advantages are relative to its own
 group; updating on half a group would push the shared prefix in one direction only.
 
-Under torchrun (WORLD_SIZE > 1; `torchrun --nproc_per_node N -m treegym.cli train ...`) the same
-loop runs data-parallel, and — by construction — takes the same steps as one process on the same
-global batch (tests/test_train_distributed.py checks the final weights):
+There is one path: a single process is world size 1 of the data-parallel loop (every collective
+is the identity without a process group). Under torchrun (WORLD_SIZE > 1; `torchrun
+--nproc_per_node N -m treegym.cli train ...`) it takes — by construction — the same steps as one
+process on the same global batch (tests/test_train_distributed.py checks the final weights):
 
 - every rank draws the same `prompts_per_step` prompts; prompt i is rolled out by rank
   i % world_size, with the seeds and uid it would have in one process (`prompt_index`), so a
@@ -59,46 +68,16 @@ import torch
 
 from treegym.agents.episode import derive_seed as _derive  # the one seed derivation
 from treegym.train import checkpoint as ckpt
+from treegym.train import distributed as D
 from treegym.train.config import TrainConfig, parse_args, save_yaml, to_dict, validate
-from treegym.train.loss import total_loss
+from treegym.train.logprobs import check_context, check_model_takes_tree_mask
 from treegym.train.modeling import warmup_lambda
+from treegym.tree import Budget, save_jsonl, to_batch
+from treegym.tree.serialize import forest_from_json, forest_to_json
 
 ADVANTAGE_OF_ALGO = {"grpo": "grpo", "tree_grpo": "tree_grpo", "treerl": "treerl", "gigpo": "gigpo"}
 
 
-def masked_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    mask: torch.Tensor, want_entropy: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(input_ids[t] | input_ids[<t]) (and the predictive entropy) at positions where
-    `mask` is 1, zero elsewhere; shaped like `input_ids`.
-
-    Only the masked (sampled-action) positions go through the LM head: with a few action tokens
-    per several hundred observation tokens and a vocabulary of thousands, this is most of a tiny
-    model's step time saved, and the values are identical to a full forward.
-
-    One process only: calling `model.model` and `model.lm_head` directly bypasses FSDP2's root
-    hooks, so under torchrun the trainer uses `distributed.rank_logprobs` instead.
-    """
-    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    sel = mask[:, 1:].bool()
-    targets = input_ids[:, 1:][sel]
-    if base is not None and head is not None:
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][sel]).float()
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       use_cache=False).logits[:, :-1][sel].float()
-    logsm = torch.log_softmax(logits, dim=-1)
-    lp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    full_sel = torch.zeros_like(mask, dtype=torch.bool)
-    full_sel[:, 1:] = sel
-    out = out.masked_scatter(full_sel, lp)
-    ent = None
-    if want_entropy:
-        e = -(logsm.exp() * logsm).sum(-1)
-        ent = torch.zeros_like(out).masked_scatter(full_sel, e)
-    return out, ent
 
 
 class Trainer:
@@ -110,7 +89,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, dataset: Any = None, log: Any = None):
         from treegym.agents.hf import HFPolicy
-        from treegym.train import distributed as D
         from treegym.train.evaluate import make_env
 
         self.cfg = validate(config)
@@ -137,7 +115,12 @@ class Trainer:
         self.policy = HFPolicy(self.cfg.model, device=str(self.device),
                                dtype="float32" if self.dist.distributed else None)
         self.model = self.policy.model
+        if self.cfg.update.packed:  # before any rollout: name the setting, not a kernel error
+            check_model_takes_tree_mask(self.model)
         self.ref_model = None
+        # True while the policy provably holds the reference's weights (a fresh run before its
+        # first optimizer step): then reference log-probs equal the old ones
+        self._policy_is_ref = True
         if self.cfg.loss.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval()
             for p in self.ref_model.parameters():
@@ -190,8 +173,6 @@ class Trainer:
         """Wrap the policy (and reference) for data-parallel training, before the optimizer is
         built. FSDP2 turns the policy's parameters into shards, so rollouts and eval get their
         own unsharded copy (`self.policy.model`), refreshed by `_sync_rollout_weights`."""
-        from treegym.train import distributed as D
-
         strategy = self.cfg.strategy
         if strategy == "fsdp":
             rollout_model = copy.deepcopy(self.model).eval()
@@ -211,8 +192,6 @@ class Trainer:
         """FSDP2: all-gather the updated shards into the rollout copy (collective; every rank
         reaches it at the same point because all ranks run the same steps)."""
         if self._rollout_stale and self.dist.distributed and self.cfg.strategy == "fsdp":
-            from treegym.train import distributed as D
-
             D.copy_full_weights(self.model, self.policy.model)
         self._rollout_stale = False
 
@@ -222,8 +201,6 @@ class Trainer:
         takes part in the gather; rank 0 writes and tells the server; all wait for it."""
         if not self.cfg.rollout_server or self._server_step == self.step:
             return
-        from treegym.train import distributed as D
-
         where = self.out / "rollout_weights"
         if self.dist.distributed:
             D.save_pretrained_rank0(self.model, where)
@@ -242,16 +219,12 @@ class Trainer:
             self._tb.close()
             self._tb = None
         if self.dist.distributed:
-            from treegym.train import distributed as D
-
             D.barrier()
             D.cleanup_distributed()
 
     # -- state ------------------------------------------------------------------------------
 
     def _resume(self) -> None:
-        from treegym.train import distributed as D
-
         if self.dist.distributed:  # rank 0 picks the checkpoint, so all ranks load the same one
             path = D.broadcast_object(ckpt.latest_checkpoint(self.out, warn=self.log)
                                       if self.is_main else None)
@@ -272,14 +245,13 @@ class Trainer:
                     D.optimizer_state_by_position(state["optimizer"], self.model))
         self.step = int(state["step"])
         self.cursor = int(state["extra"].get("cursor", 0))
+        self._policy_is_ref = False
         self.log(f"resumed from {path} (step {self.step})")
 
     def save(self) -> Path | None:
         """Write a checkpoint; under torchrun a collective (rank 0 writes, returns None elsewhere)."""
         extra = {"cursor": self.cursor, "config": to_dict(self.cfg)}
         if self.dist.distributed:
-            from treegym.train import distributed as D
-
             return D.save_checkpoint_rank0(self.out, self.step, self.model, self.optimizer,
                                            self.scheduler, tokenizer=self.policy.tokenizer.tokenizer,
                                            extra=extra, keep=self.cfg.keep_checkpoints)
@@ -343,168 +315,89 @@ class Trainer:
     def update(self, batch: Any, uid_order: Sequence[str] | None = None) -> dict[str, float]:
         """PPO epochs over minibatches of whole prompts; returns averaged metrics.
 
-        Under torchrun `batch` holds this rank's rows and `uid_order` the uids of the whole
-        step's batch in prompt order (every rank passes the same list)."""
-        if self.dist.distributed:
-            return self._update_distributed(batch, uid_order)
-        cfg = self.cfg
-        dev = self.device
-        ids = torch.as_tensor(batch.input_ids, device=dev)
-        att = torch.as_tensor(batch.attention_mask, device=dev)
-        mask = torch.as_tensor(batch.loss_mask, device=dev)
-        adv = torch.as_tensor(batch.advantages, dtype=torch.float32, device=dev)
-        behaviour = torch.as_tensor(batch.old_logprobs, dtype=torch.float32, device=dev)
-        want_ent = True  # logged even when its coefficient is 0
-        self.model.eval()
-        with torch.no_grad(), self._autocast():
-            old, _ = masked_logprobs(self.model, ids, att, mask)
-            ref = masked_logprobs(self.ref_model, ids, att, mask)[0] if self.ref_model is not None else None
-        m = mask.float()
-        n_tok = m.sum().clamp_min(1)
-        stats: dict[str, float] = {
-            "rollout_logprob_diff": float(((old - behaviour).abs() * m).sum() / n_tok),
-        }
-        uids = list(dict.fromkeys(batch.uids))
-        rows_of = {u: [i for i, x in enumerate(batch.uids) if x == u] for u in uids}
-        rng = random.Random(_derive(cfg.seed, "minibatch", self.step))
-        self.model.train()
-        acc: dict[str, list[float]] = {}
-        for _ in range(cfg.epochs):
-            order = uids[:]
-            rng.shuffle(order)
-            for s in range(0, len(order), cfg.minibatch_prompts):
-                rows = [i for u in order[s:s + cfg.minibatch_prompts] for i in rows_of[u]]
-                idx = torch.tensor(rows, device=dev)
-                width = int(att[idx].sum(1).max())
-                b_ids, b_att, b_mask = ids[idx, :width], att[idx, :width], mask[idx, :width]
-                if b_mask[:, 1:].sum() == 0:
-                    continue
-                with self._autocast():
-                    logp, ent = masked_logprobs(self.model, b_ids, b_att, b_mask, want_entropy=want_ent)
-                loss, st = total_loss(logp, old[idx, :width], adv[idx, :width], b_mask,
-                                      ref_logp=None if ref is None else ref[idx, :width],
-                                      entropy=ent, clip=cfg.loss.clip,
-                                      dual_clip=cfg.loss.dual_clip, kl_coef=cfg.loss.kl_coef,
-                                      entropy_coef=cfg.loss.entropy_coef, agg=cfg.loss.agg)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                st["grad_norm"] = float(gn)
-                if not math.isfinite(st["grad_norm"]):
-                    raise FloatingPointError(f"step {self.step}: non-finite gradient norm")
-                self.optimizer.step()
-                self.scheduler.step()
-                for k, v in st.items():
-                    acc.setdefault(k, []).append(v)
-        self.model.eval()
-        stats.update({k: float(np.mean(v)) for k, v in acc.items()})
-        stats["lr"] = float(self.scheduler.get_last_lr()[0])
-        return stats
+        `batch` holds this process's rows (all of them with one process; under torchrun this
+        rank's prompts) and `uid_order` the uids of the whole step's batch in prompt order (every
+        rank passes the same list; default: the batch's own). Every minibatch is one
+        `distributed.policy_update_step` over the ranks' rows of its prompts, with the global
+        token-mean denominator, so a single process is simply world size 1.
 
-    def _update_distributed(self, batch: Any, uid_order: Sequence[str] | None) -> dict[str, float]:
-        """`update` across ranks: the same minibatches of whole prompts (same seeded order on
-        every rank), each one `policy_update_step` over the ranks' rows of those prompts."""
-        from treegym.train import distributed as D
-
-        cfg = self.cfg
-        local = D.StepBatch.from_any(batch)
+        Old and reference log-probs come from no-grad passes over the same layout the update
+        trains on (packed by default); `cfg.update` skips the passes whose result is known."""
+        cfg, u = self.cfg, self.cfg.update
+        local = D.StepBatch.from_any(batch, packed=u.packed)
+        check_context(self.model, local.fwd)
         uids_here = list(dict.fromkeys(batch.uids))
         order_all = list(uid_order) if uid_order is not None else uids_here
-        micro = cfg.micro_batch_rows
-        self.model.eval()
-        old, _ = D.rank_logprobs(self.model, local, micro_batch_rows=micro)
-        ref = None
-        if self.ref_model is not None:
-            ref = D.rank_logprobs(self.ref_model, local, micro_batch_rows=micro)[0]
-        m = local.loss_mask.float()
-        diff, n_tok = D.all_reduce_floats([float(((old - local.old_logprobs).abs() * m).sum()),
-                                           float(m.sum())])
-        stats: dict[str, float] = {"rollout_logprob_diff": diff / max(n_tok, 1.0)}
-        local.old_logprobs, local.ref_logprobs = old, ref
-        rows_of = {u: [i for i, x in enumerate(batch.uids) if x == u] for u in uids_here}
+        rows_of = {x: [i for i, y in enumerate(batch.uids) if y == x] for x in uids_here}
         rng = random.Random(_derive(cfg.seed, "minibatch", self.step))
-        keys = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "clipfrac_lower", "approx_kl",
-                "grad_norm")
-        acc: dict[str, list[float]] = {}
+        epochs = []
         for _ in range(cfg.epochs):
             order = order_all[:]
             rng.shuffle(order)
-            for s in range(0, len(order), cfg.minibatch_prompts):
-                rows = [i for u in order[s:s + cfg.minibatch_prompts] for i in rows_of.get(u, [])]
+            epochs.append([order[s:s + cfg.minibatch_prompts]
+                           for s in range(0, len(order), cfg.minibatch_prompts)])
+        first = set(epochs[0][0]) if u.old_from_update else set()
+        ref_is_old = self.ref_model is not None and u.ref_while_unchanged and self._policy_is_ref
+        micro = cfg.micro_batch_rows
+        self.model.eval()
+        # the old pass: every prompt but those of the first minibatch (when they reuse theirs)
+        rest = [i for i in range(local.rows) if batch.uids[i] not in first]
+        old = torch.zeros(local.loss_mask.shape, dtype=torch.float32)
+        lp, _ = D.rank_logprobs(self.model, local.take(rest), micro_batch_rows=micro)
+        old[rest, :lp.shape[1]] = lp
+        ref = None
+        if self.ref_model is not None:
+            ref = old if ref_is_old else D.rank_logprobs(self.ref_model, local,
+                                                         micro_batch_rows=micro)[0]
+        behaviour = local.old_logprobs
+        local = local.with_logprobs(old=old, ref=ref)
+        keys = ("loss", "pg_loss", "kl", "entropy", "clipfrac", "clipfrac_lower", "approx_kl",
+                "grad_norm")
+        acc: dict[str, list[float]] = {}
+        skipped = 0
+        for e, minibatches in enumerate(epochs):
+            for j, mb in enumerate(minibatches):
+                rows = [i for x in mb for i in rows_of.get(x, [])]
                 part = local.take(rows)
                 (tokens,) = D.all_reduce_floats([float(part.loss_mask[:, 1:].sum())])
-                if tokens == 0:  # every rank skips it: no prompt of the minibatch has a sampled token
+                if tokens == 0:  # no prompt of the minibatch has a sampled token: nothing to learn
+                    skipped += 1
                     continue
+                reuse = bool(first) and e == 0 and j == 0
                 st = D.policy_update_step(
                     self.model, self.optimizer, part, info=self.dist, clip=cfg.loss.clip,
                     dual_clip=cfg.loss.dual_clip, kl_coef=cfg.loss.kl_coef,
                     entropy_coef=cfg.loss.entropy_coef, agg=cfg.loss.agg,
                     grad_clip=cfg.optim.grad_clip, micro_batch_rows=micro,
-                    scheduler=self.scheduler, compute_entropy=True)
+                    scheduler=self.scheduler, compute_entropy=True, old_from_forward=reuse,
+                    ref_from_forward=reuse and ref_is_old)
+                self._policy_is_ref = False
+                if reuse:  # later epochs (and the log) read them like the passed ones
+                    got = st.pop("old_logprobs")
+                    old[rows, :got.shape[1]] = got  # `ref` is `old` while they coincide
                 if not math.isfinite(st["grad_norm"]):
                     raise FloatingPointError(f"step {self.step}: non-finite gradient norm")
                 for k in keys:
                     if k in st:
                         acc.setdefault(k, []).append(st[k])
+        m = local.loss_mask.float()
+        diff, n_tok = D.all_reduce_floats([float(((old - behaviour).abs() * m).sum()),
+                                           float(m.sum())])
+        fwd_tokens, leaf_tokens = D.all_reduce_floats([float(local.fwd.num_tokens),
+                                                       float(batch.attention_mask.sum())])
         self._rollout_stale = True
         self.model.eval()
+        stats: dict[str, float] = {"rollout_logprob_diff": diff / max(n_tok, 1.0)}
         stats.update({k: float(np.mean(v)) for k, v in acc.items()})
-        stats["lr"] = float(self.scheduler.get_last_lr()[0])
+        stats.update({"skipped_minibatches": float(skipped), "forward_tokens": fwd_tokens,
+                      "leaf_tokens": leaf_tokens, "lr": float(self.scheduler.get_last_lr()[0])})
         return stats
-
-    def _autocast(self):
-        """bf16 autocast on CUDA (log-probs are still taken in fp32); a no-op on CPU, where fp32
-        keeps resume and the distributed-equivalence checks bit-exact."""
-        import contextlib
-
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
-        if self.dist.distributed:
-            return self._train_step_distributed()
-        from treegym.tree import to_batch
-
-        t0 = time.perf_counter()
-        tasks = self.next_tasks()
-        forests, budget = self.rollout(tasks)
-        t1 = time.perf_counter()
-        advs = self.advantages(forests)
-        batch = to_batch(forests, advs, pad_id=self.policy.pad_id)
-        stats = self.update(batch)
-        t2 = time.perf_counter()
-        self.step += 1
-        leaves = [l for f in forests for l in f.leaves()]
-        b = budget.to_dict()
-        n = len(tasks)
-        stats.update({
-            "step": self.step, "reward": float(np.mean(batch.rewards)),
-            "reward_std": float(np.std(batch.rewards)),
-            "solved_prompts": float(np.mean([max((l.reward or 0.0) for l in f.leaves()) > 0 for f in forests])),
-            "leaves_per_prompt": len(leaves) / n,
-            "tokens_per_prompt": b.get("generated_tokens", 0) / n,
-            "tool_calls_per_prompt": b.get("tool_calls", 0) / n,
-            "llm_calls": b.get("llm_calls", 0),
-            "adv_abs_mean": float(np.abs(batch.advantages[batch.loss_mask > 0]).mean()) if batch.loss_mask.any() else 0.0,
-            "train_tokens": int(batch.loss_mask.sum()),
-            "rollout_s": t1 - t0, "update_s": t2 - t1,
-        })
-        if self.cfg.save_trees_every and self.step % self.cfg.save_trees_every == 0:
-            from treegym.tree import save_jsonl
-
-            save_jsonl(self.out / "trees" / f"step_{self.step:06d}.jsonl", forests, budget,
-                       meta={"step": self.step, "algo": self.cfg.algo})
-        return stats
-
-    def _train_step_distributed(self) -> dict[str, float]:
-        """`train_step` under torchrun: this rank rolls out prompts rank, rank + W, ...; the
-        metrics are computed from every rank's rows, in prompt order, so they are the numbers one
-        process would log."""
-        from treegym.train import distributed as D
-        from treegym.tree import to_batch
-        from treegym.tree.serialize import forest_to_json
-
+        """One RL step: this process rolls out prompts rank, rank + W, ... of the step's batch
+        (all of them with one process), with the seeds and uids they have in one process; the
+        metrics are computed from every rank's rows, in prompt order, so they are the numbers
+        one process logs."""
         t0 = time.perf_counter()
         tasks = self.next_tasks()
         mine = list(range(self.dist.rank, len(tasks), self.dist.world_size))
@@ -514,17 +407,19 @@ class Trainer:
         batch = to_batch(forests, advs, pad_id=self.policy.pad_id)
         index_of = {f.uid: int(f.meta["prompt_index"]) for f in forests}
         local_uids = list(dict.fromkeys(batch.uids))
-        uid_order = [u for _, u in sorted((i, u) for part in D.all_gather_objects(
-            [(index_of[u], u) for u in local_uids]) for i, u in part)]
+        uid_order = [x for _, x in sorted((i, x) for part in D.all_gather_objects(
+            [(index_of[x], x) for x in local_uids]) for i, x in part)]
         stats = self.update(batch, uid_order)
         t2 = time.perf_counter()
         self.step += 1
         save_trees = bool(self.cfg.save_trees_every and self.step % self.cfg.save_trees_every == 0)
+        # forests cross process boundaries as JSON; one process keeps its objects
+        ship = forest_to_json if self.dist.distributed else (lambda f: f)
         mask = batch.loss_mask > 0
         per_prompt = [(index_of[f.uid],
-                       [float(batch.rewards[i]) for i, u in enumerate(batch.uids) if u == f.uid],
+                       [float(batch.rewards[i]) for i, x in enumerate(batch.uids) if x == f.uid],
                        bool(max((l.reward or 0.0) for l in f.leaves()) > 0),
-                       forest_to_json(f) if save_trees else None) for f in forests]
+                       ship(f) if save_trees else None) for f in forests]
         mine_stats = {"prompts": per_prompt, "leaves": sum(len(f.leaves()) for f in forests),
                       "budget": budget.to_dict(),
                       "adv_abs": (float(np.abs(batch.advantages[mask]).sum()), int(mask.sum())),
@@ -550,13 +445,12 @@ class Trainer:
             "update_s": max(r["update_s"] for r in ranks),
         })
         if save_trees and self.is_main:
-            from treegym.tree import Budget, save_jsonl
-            from treegym.tree.serialize import forest_from_json
-
+            meta = {"step": self.step, "algo": self.cfg.algo}
+            if self.dist.distributed:
+                meta["world_size"] = self.dist.world_size
             save_jsonl(self.out / "trees" / f"step_{self.step:06d}.jsonl",
-                       [forest_from_json(p[3]) for p in prompts], Budget(**b),
-                       meta={"step": self.step, "algo": self.cfg.algo,
-                             "world_size": self.dist.world_size})
+                       [forest_from_json(p[3]) if isinstance(p[3], dict) else p[3] for p in prompts],
+                       Budget(**b), meta=meta)
         return stats
 
     # -- eval / logging ---------------------------------------------------------------------
@@ -570,26 +464,20 @@ class Trainer:
         return self._dev_env
 
     def evaluate(self, split_env: Any = None, n: int | None = None) -> dict[str, float]:
+        """Dev (or `split_env`) evaluation with the current weights. Under torchrun a collective:
+        every rank refreshes its rollout weights, rank 0 evaluates, the others receive its
+        numbers (so every rank logs and returns the same record)."""
         from treegym.train.evaluate import evaluate, select_tasks
 
-        if self.dist.distributed:
-            # collective: every rank refreshes the rollout weights; rank 0 evaluates, the others
-            # wait for its numbers (so every rank logs and returns the same record)
-            from treegym.train import distributed as D
-
-            self._sync_rollout_weights()
-            out = None
-            if self.is_main:
-                env = split_env or self.dev_env()
-                tasks = select_tasks(env, self.cfg.eval_tasks if n is None else n, seed=self.cfg.seed)
-                out = evaluate(self.policy, env, tasks,
-                               max_new_tokens=self.cfg.rollout.max_new_tokens, seed=self.cfg.seed)
-            return D.broadcast_object(out)
-        env = split_env or self.dev_env()
-        tasks = select_tasks(env, self.cfg.eval_tasks if n is None else n, seed=self.cfg.seed)
+        self._sync_rollout_weights()
         self.model.eval()
-        return evaluate(self.policy, env, tasks, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                        seed=self.cfg.seed)
+        out = None
+        if self.is_main:
+            env = split_env or self.dev_env()
+            tasks = select_tasks(env, self.cfg.eval_tasks if n is None else n, seed=self.cfg.seed)
+            out = evaluate(self.policy, env, tasks, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                           seed=self.cfg.seed)
+        return D.broadcast_object(out)
 
     def _emit(self, rec: dict) -> None:
         self.history.append(rec)
@@ -644,8 +532,6 @@ class Trainer:
         bar.close()
         need_final = self.step > start or not ckpt.list_checkpoints(self.out)
         if self.dist.distributed:
-            from treegym.train import distributed as D
-
             need_final = bool(D.broadcast_object(need_final))
         if need_final:
             self.save()
@@ -697,4 +583,4 @@ def _under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-__all__ = ["Trainer", "masked_logprobs", "cli_main"]
+__all__ = ["Trainer", "cli_main"]

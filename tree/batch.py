@@ -3,21 +3,23 @@
 Alignment convention (both forms): the value at position t describes token `input_ids[t]` —
 `old_logprobs[t]` = log π_old(input_ids[t] | input_ids[:t]), `loss_mask[t]` = 1 iff that token was
 sampled by the policy (an action token), `advantages[t]` = the advantage of the step that token
-belongs to. A trainer computes new log-probs as
-`log_softmax(logits[:, :-1]).gather(-1, input_ids[:, 1:])` and compares them with
-`old_logprobs[:, 1:]` under `loss_mask[:, 1:]`. Prompt and observation tokens have loss_mask 0.
+belongs to. The trainer's log-probs (`treegym.train.logprobs.masked_logprobs`) follow the same
+convention, so they compare with `old_logprobs` under `loss_mask` position by position. Prompt and
+observation tokens have loss_mask 0.
 
 Why a packed form: the M·(1+N·L) leaves of a prompt share long prefixes (the prompt, the steps
 before each fork). The duplicated form recomputes them once per leaf; the packed form stores each
-distinct prefix once, with a tree attention mask (a token sees exactly its ancestors) and
-position ids = depth in the sequence, so one forward pass yields every row's log-probs;
-`PackedBatch.unpack()` gathers them back into the duplicated [B, T] layout for the loss.
+distinct prefix of a prompt group once (one packed row per uid), with a tree attention mask (a
+token sees exactly its ancestors) and position ids = depth in the row, so one forward pass yields
+every leaf's log-probs; `PackedBatch.unpack()` gathers them back into the duplicated [B, T] layout,
+where the loss is computed exactly as before. This module stays numpy-only: the torch side is
+`treegym.train.logprobs`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -50,33 +52,38 @@ class Batch:
 
 @dataclass
 class PackedBatch:
-    """Every distinct prefix of the batch's rows once, as one sequence with a tree mask."""
+    """The rows of each prompt group (all leaves of one uid) merged into one packed sequence that
+    stores every distinct prefix once; one packed row per group, right-padded to [P, S]."""
 
-    input_ids: np.ndarray  # [S] int64
-    position_ids: np.ndarray  # [S] int64: depth of the token in its row
-    parent: np.ndarray  # [S] int64: index of the previous token of the row (-1 at a row start)
-    gather_index: np.ndarray  # [B, T] int64: packed position of each row token (-1 for padding)
+    input_ids: np.ndarray  # [P, S] int64
+    position_ids: np.ndarray  # [P, S] int64: depth of the token in its batch row
+    parent: np.ndarray  # [P, S] int64: position (in the packed row) of the previous token, -1 at the root
+    lengths: np.ndarray  # [P] int64: packed tokens per row (the rest is padding)
+    gather_index: np.ndarray  # [B, T] int64: flat packed index p*S + s of each row token (-1: padding)
+    uids: list[str] = field(default_factory=list)  # the group of each packed row
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.lengths.sum())
 
     def attention_mask(self) -> np.ndarray:
-        """[S, S] bool: token i attends to j iff j is i or an ancestor of i. O(S²) memory."""
-        s = self.num_tokens
-        mask = np.zeros((s, s), dtype=bool)
-        for i in range(s):
-            p = self.parent[i]
-            if p >= 0:
-                mask[i] = mask[p]
-            mask[i, i] = True
+        """[P, S, S] bool: token i attends to j iff j is i or an ancestor of i (padding attends to
+        itself only, so no attention row is empty). O(S²) memory per packed row."""
+        p, s = self.input_ids.shape
+        mask = np.zeros((p, s, s), dtype=bool)
+        for r in range(p):
+            m, par = mask[r], self.parent[r]
+            for i in range(int(self.lengths[r])):
+                if par[i] >= 0:
+                    m[i] = m[par[i]]
+                m[i, i] = True
+            m[np.arange(int(self.lengths[r]), s), np.arange(int(self.lengths[r]), s)] = True
         return mask
 
     def unpack(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """Gather per-packed-token values [S] into the duplicated layout [B, T]."""
-        values = np.asarray(values)
-        out = np.where(self.gather_index >= 0, values[np.clip(self.gather_index, 0, None)], fill)
-        return out
+        """Gather per-packed-token values [P, S] into the duplicated layout [B, T]."""
+        flat = np.asarray(values).reshape(-1)
+        return np.where(self.gather_index >= 0, flat[np.clip(self.gather_index, 0, None)], fill)
 
 
 def _row(leaf: Node, adv: np.ndarray | None) -> dict[str, list]:
@@ -162,21 +169,23 @@ def to_batch(forests: Sequence[Forest] | Forest, advantages: dict | None = None,
 
 
 def pack(batch: Batch) -> PackedBatch:
-    """Merge the rows' common prefixes (a token trie): each distinct prefix is stored once.
+    """Merge the common prefixes of each prompt group's rows (a token trie per uid): each distinct
+    prefix is stored once, in the order the rows first reach it.
 
-    Identical prefixes give identical log-probs under a causal LM, so merging is exact — rows of
-    different prompts simply start new roots.
+    Identical prefixes give identical log-probs under a causal LM, so merging is exact. Rows of
+    different prompts never share a packed row: a minibatch of whole prompts is a set of packed
+    rows, and one prompt's sequence length does not depend on the others.
     """
-    children: list[dict[int, int]] = [{}]  # trie node 0 is a virtual root
-    ids: list[int] = []
-    parent: list[int] = []
-    depth: list[int] = []
     b, t = batch.input_ids.shape
-    gather = np.full((b, t), -1, dtype=np.int64)
+    uids = list(batch.uids) if batch.uids else [str(r) for r in range(b)]
+    groups = list(dict.fromkeys(uids))
+    row_of = {u: i for i, u in enumerate(groups)}
+    tries = [([{}], [], [], []) for _ in groups]  # per group: children, ids, parent, depth
+    where = np.full((b, t), -1, dtype=np.int64)  # packed position within the group's row
     for r in range(b):
+        children, ids, parent, depth = tries[row_of[uids[r]]]
         cur, prev = 0, -1
-        n = int(batch.attention_mask[r].sum())
-        for j in range(n):
+        for j in range(int(batch.attention_mask[r].sum())):
             tok = int(batch.input_ids[r, j])
             nxt = children[cur].get(tok)
             if nxt is None:
@@ -186,54 +195,21 @@ def pack(batch: Batch) -> PackedBatch:
                 ids.append(tok)
                 parent.append(prev)
                 depth.append(j)
-            gather[r, j] = nxt - 1
+            where[r, j] = nxt - 1
             prev, cur = nxt - 1, nxt
-    return PackedBatch(input_ids=np.array(ids, dtype=np.int64),
-                       position_ids=np.array(depth, dtype=np.int64),
-                       parent=np.array(parent, dtype=np.int64), gather_index=gather)
+    lengths = np.array([len(tr[1]) for tr in tries], dtype=np.int64)
+    s = int(lengths.max()) if len(lengths) else 0
+    input_ids = np.zeros((len(groups), s), dtype=np.int64)
+    position_ids = np.zeros((len(groups), s), dtype=np.int64)
+    parent_arr = np.full((len(groups), s), -1, dtype=np.int64)
+    for g, (_, ids, parent, depth) in enumerate(tries):
+        input_ids[g, :len(ids)] = ids
+        position_ids[g, :len(ids)] = depth
+        parent_arr[g, :len(ids)] = parent
+    rows = np.array([row_of[u] for u in uids], dtype=np.int64)
+    gather = np.where(where >= 0, rows[:, None] * s + where, -1)
+    return PackedBatch(input_ids=input_ids, position_ids=position_ids, parent=parent_arr,
+                       lengths=lengths, gather_index=gather, uids=groups)
 
 
-# ----------------------------------------------------------------------------------------------
-# optional torch helpers (imported lazily: tree/ itself never needs torch)
-
-
-def token_logprobs(model: Any, batch: Batch) -> np.ndarray:
-    """[B, T] log-probs of each row token under a causal LM (position 0 gets 0)."""
-    import torch
-
-    ids = torch.as_tensor(batch.input_ids)
-    attn = torch.as_tensor(batch.attention_mask)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn,
-                       position_ids=torch.as_tensor(batch.position_ids)).logits.float()
-    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    out = torch.zeros(ids.shape, dtype=torch.float32)
-    out[:, 1:] = lp * attn[:, 1:]
-    return out.numpy()
-
-
-def packed_token_logprobs(model: Any, packed: PackedBatch, *, rows_shape: tuple[int, int] | None = None
-                          ) -> np.ndarray:
-    """Per-row log-probs [B, T] from ONE forward pass over the packed sequence.
-
-    Uses a 4-D additive attention mask (0 where allowed, dtype-min elsewhere), which Hugging Face
-    causal LMs accept in place of a 2-D padding mask, and the packed position ids.
-    """
-    import torch
-
-    ids = torch.as_tensor(packed.input_ids)[None]
-    allowed = torch.as_tensor(packed.attention_mask())
-    dtype = next(model.parameters()).dtype
-    mask4d = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask4d[None, None],
-                       position_ids=torch.as_tensor(packed.position_ids)[None]).logits[0].float()
-    logp_all = torch.log_softmax(logits, dim=-1)
-    par = torch.as_tensor(packed.parent)
-    lp = torch.zeros(ids.shape[1], dtype=torch.float32)
-    has_parent = par >= 0
-    lp[has_parent] = logp_all[par[has_parent], ids[0, has_parent]]
-    return packed.unpack(lp.numpy())
-
-
-__all__ = ["Batch", "PackedBatch", "to_batch", "pack", "token_logprobs", "packed_token_logprobs"]
+__all__ = ["Batch", "PackedBatch", "to_batch", "pack"]

@@ -43,7 +43,7 @@ episode ends at a stop string, not at EOS, so TRL logs them all under
 Behaviour log-probs: TRL uses `logprobs` only for vLLM importance-sampling correction; with
 on-policy steps (the default) its loss takes the old log-probs from its own forward pass, which
 equals ours at the same temperature and precision (`treegym.agents.sampling` reports
-log_softmax(logits / T), as TRL computes them; TRL's default `bf16=True` autocasts its forward
+the log-probability under the temperature-scaled distribution, as TRL computes it; TRL's default `bf16=True` autocasts its forward
 to bf16 while the rollout samples in the model's dtype).
 """
 

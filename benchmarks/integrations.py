@@ -15,8 +15,11 @@ and server do not share a GIL, and for the same episodes (same seeds, same actio
 Times are wall-clock (a network round trip is not CPU time); the machine is shared, so read the
 ratios, not the absolute numbers.
 
-Another part (e.g. `--part trl`) plugs in through `PARTS` below: a name and a function
-(args) -> markdown section.
+TRL's numbers (seconds per GRPO step with treegym's rollout_func vs TRL's own single-turn GRPO,
+same tiny model and batch) come from `benchmarks/integrations_trl.py`, a script of its own: it
+trains, needs the `trl` extra and takes other arguments (steps, rounds, threads), and it writes
+benchmarks/results/integrations_trl.{md,json} the same way. Another part plugs in through `PARTS`
+below: a name and a function (args) -> markdown section.
 """
 
 from __future__ import annotations

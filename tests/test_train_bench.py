@@ -134,3 +134,50 @@ def test_bench_name_writes_its_result_files_with_provenance(tmp_path, monkeypatc
     assert (results / "tiny_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         bench.cli_main(["--name", "../escape"])
+
+
+def _scored(method, config, budget, seed, p, n=400, rng=None):
+    """A run whose n per-question EMs are Bernoulli(p) (seeded), as `test_metrics` records them."""
+    import numpy as np
+
+    em = (np.random.default_rng(rng if rng is not None else seed).random(n) < p).astype(float).tolist()
+    return {**_row(method, config, budget, seed, sum(em) / n),
+            "test_scores": {"task_ids": [f"t{i}" for i in range(n)], "em": em, "f1": em}}
+
+
+def test_findings_pair_arms_over_the_same_questions_and_give_verdicts(tmp_path):
+    from treegym.train.bench import findings
+
+    rows = [_row("sft", "warmstart", 0.0, 0, 0.3)]
+    for seed in range(3):  # the tree clearly better than G16 (+30 points), G4 tied with the tree
+        rows += [_scored("chain", "G16", 16.0, seed, 0.3, rng=100 + seed),
+                 _scored("chain", "G4", 4.0, seed, 0.6, rng=200 + seed),
+                 _scored("tree_grpo", "M2N2L1", 4.0, seed, 0.6, rng=200 + seed)]
+    found = {(f["finding"], f["b"]): f for f in findings(rows)}
+    quarter = found[("(a) tree at <= 1/4 of the chain budget", "chain:G16")]
+    assert quarter["verdict"] == "confirmed" and quarter["diff"]["lo"] > 0.2
+    assert quarter["seeds"] == [0, 1, 2] and quarter["questions"] == 400
+    matched = found[("(a) tree vs chain, matched budget", "chain:G4")]  # identical scores: a tie shown
+    assert matched["diff"]["mean"] == 0 and matched["verdict"] == "equivalent"
+    md, js, _ = write_results(tmp_path, rows, {"commit": "abc", "machine": "test", "quick": False, "steps": 2,
+                                               "prompts": 2, "lr": 1e-4, "test_n": 400, "seeds": 3})
+    assert "## Findings" in md.read_text() and "| confirmed |" in md.read_text()
+    assert len(json.loads(js.read_text())["findings"]) == 2
+
+
+def test_one_seed_findings_are_inconclusive_and_say_why(tmp_path):
+    rows = [_scored("chain", "G16", 16.0, 0, 0.2), _scored("tree_grpo", "M2N2L1", 4.0, 0, 0.9, rng=5)]
+    md, js, _ = write_results(tmp_path, rows, {"commit": "abc", "machine": "test", "quick": True, "steps": 2,
+                                               "prompts": 2, "lr": 1e-4, "test_n": 400, "seeds": 1})
+    (f,) = json.loads(js.read_text())["findings"]
+    assert f["diff"]["lo"] > 0 and f["verdict"] == "inconclusive"  # clear on questions, silent on seeds
+    assert "inconclusive (1 seed: seed spread unknown)" in md.read_text()
+
+
+def test_findings_refuse_arms_scored_on_different_questions():
+    from treegym.train.bench import findings
+
+    a, b = _scored("chain", "G16", 16.0, 0, 0.5), _scored("tree_grpo", "M2N2L1", 4.0, 0, 0.5)
+    b["test_scores"]["task_ids"] = list(reversed(b["test_scores"]["task_ids"]))
+    with pytest.raises(ValueError, match="different test questions"):
+        findings([a, b])

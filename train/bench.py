@@ -41,8 +41,9 @@ import torch
 
 from treegym.agents.hf import HFPolicy
 from treegym.envs.data import resolve_dataset
+from treegym.train import stats
 from treegym.train.config import TrainConfig
-from treegym.train.evaluate import evaluate, make_env, select_tasks
+from treegym.train.evaluate import make_env, run_episodes, select_tasks, summarize
 from treegym.train.sft import WARMSTART_DIR, run_sft
 from treegym.train.trainer import Trainer
 
@@ -211,15 +212,100 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
 
 
 def test_metrics(policy: Any, env_id: str, test_n: int, max_new_tokens: int) -> dict:
-    """Greedy metrics on the same `test_n` test tasks (seeded choice) for every arm of an env."""
+    """Greedy metrics on the same `test_n` test tasks (seeded choice) for every arm of an env,
+    with each task's EM and F1 (`scores`): the intervals pair arms question by question."""
     env = make_env("synthetic", "test", env_id)
     tasks = select_tasks(env, test_n, seed=0)
-    return evaluate(policy, env, tasks, max_new_tokens=max_new_tokens, seed=0)
+    episodes = run_episodes(policy, env, tasks, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
+    return {**summarize(episodes, "greedy/"),
+            "scores": {"task_ids": [e.task_id for e in episodes], "em": [float(e.em) for e in episodes],
+                       "f1": [float(e.f1) for e in episodes]}}
 
 
 def _test_fields(m: dict) -> dict:
     return {"test_em": m["greedy/em"], "test_f1": m["greedy/f1"], "test_n": int(m["greedy/episodes"]),
-            "test_em_by_kind": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("greedy/em/")}}
+            "test_em_by_kind": {k.split("/")[-1]: v for k, v in m.items() if k.startswith("greedy/em/")},
+            "test_scores": m["scores"]}
+
+
+# The findings a study can decide (issue 15), each "A beats B" on the env's headline metric:
+# (a) Tree-GRPO at <= 1/4 of a chain arm's budget vs that chain arm, and at the matched budget;
+# (b) agent-step nodes vs token-level nodes; (c) inter+intra advantages vs inter-only / intra-only.
+EQUIVALENCE_MARGIN = 0.01  # +-1 point: a tie this tight is reported as one, not as "inconclusive"
+
+
+def _finding_pairs(arms: Sequence[tuple[str, str, float]]) -> list[tuple[str, tuple, tuple]]:
+    """(finding, arm A, arm B) for every comparison the arms present allow; arm = (method, config, budget)."""
+    pairs = []
+    trees = [a for a in arms if a[0] == "tree_grpo"]
+    for t in trees:
+        for c in (a for a in arms if a[0] == "chain"):
+            if t[2] <= c[2] / 4:
+                pairs.append(("(a) tree at <= 1/4 of the chain budget", t, c))
+            elif t[2] == c[2]:
+                pairs.append(("(a) tree vs chain, matched budget", t, c))
+        base = t[1]
+        for other, finding in (("tree_grpo_token", "(b) agent-step vs token-level nodes"),
+                               ("tree_grpo_inter", "(c) inter+intra vs inter-only advantages"),
+                               ("tree_grpo_intra", "(c) inter+intra vs intra-only advantages")):
+            for o in (a for a in arms if a[0] == other and a[1].split("-")[0] == base):
+                pairs.append((finding, t, o))
+    return pairs
+
+
+def findings(rows: list[dict]) -> list[dict]:
+    """Per-arm means with 95% intervals and the paired difference + verdict of every finding the
+    arms allow, from each run's per-question scores (`treegym.train.stats`: seeds x questions,
+    crossed). Runs without per-question scores (files from before issue 15) are left out."""
+    out: list[dict] = []
+    by_arm: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if "test_scores" in r and r["method"] != "sft":
+            by_arm.setdefault((r.get("env", QA_ENV), r["method"], r["config"], r["budget"]), {})[r["seed"]] = r
+    for env_id in dict.fromkeys(k[0] for k in by_arm):
+        metric = HEADLINE[env_id].lower()
+        arms = [k[1:] for k in by_arm if k[0] == env_id]
+
+        def table(arm: tuple, seeds: Sequence[int]) -> list[list[float]]:
+            runs = by_arm[(env_id, *arm)]
+            return [runs[s]["test_scores"][metric] for s in seeds]
+
+        for finding, a, b in _finding_pairs(arms):
+            ra, rb = by_arm[(env_id, *a)], by_arm[(env_id, *b)]
+            seeds = sorted(set(ra) & set(rb))
+            if not seeds:
+                continue
+            if any(ra[s]["test_scores"]["task_ids"] != rb[s]["test_scores"]["task_ids"] for s in seeds):
+                raise ValueError(f"{env_id}: {a} and {b} were scored on different test questions; "
+                                 "a paired interval needs the same questions in the same order")
+            diff = stats.paired(table(a, seeds), table(b, seeds))
+            ia, ib = stats.interval(table(a, seeds)), stats.interval(table(b, seeds))
+            out.append({"env": env_id, "finding": finding, "a": f"{a[0]}:{a[1]}", "b": f"{b[0]}:{b[1]}",
+                        "metric": metric, "seeds": seeds, "questions": len(ra[seeds[0]]["test_scores"][metric]),
+                        "a_interval": ia.as_dict(), "b_interval": ib.as_dict(), "diff": diff.as_dict(),
+                        "verdict": stats.verdict(diff, margin=EQUIVALENCE_MARGIN)})
+    return out
+
+
+def _findings_lines(found: list[dict]) -> list[str]:
+    if not found:
+        return []
+    lines = ["## Findings (paired over the same test questions and seeds; 95% intervals)", "",
+             "| env | finding | A | B | A (95% CI) | B (95% CI) | A − B (95% CI) | seeds × questions | verdict |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+
+    def ci(i: dict) -> str:
+        return f"{100 * i['mean']:.1f} [{100 * i['lo']:.1f}, {100 * i['hi']:.1f}]"
+
+    for f in found:
+        verdict = f["verdict"] + ("" if f["diff"]["seed_var_known"] else " (1 seed: seed spread unknown)")
+        lines.append(f"| {f['env']} | {f['finding']} | {f['a']} | {f['b']} | {ci(f['a_interval'])} | "
+                     f"{ci(f['b_interval'])} | {ci(f['diff'])} | {len(f['seeds'])} × {f['questions']} | {verdict} |")
+    lines += ["", "Intervals: crossed seeds × questions random effects (`treegym.train.stats`), t at seeds − 1 "
+              "degrees of freedom. With one seed an interval covers the question sampling only and no "
+              "verdict is reached. Verdict of \"A beats B\": confirmed (interval above 0), refuted (below 0), "
+              f"equivalent (inside ±{100 * EQUIVALENCE_MARGIN:g} point), else inconclusive.", ""]
+    return lines
 
 
 def _agg(rows: list[dict]) -> list[dict]:
@@ -269,10 +355,12 @@ def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = No
     lines += ["Budget = expected chains per prompt: chain G, tree M·(1+N·L/2). tokens/prompt and tool "
               "calls/prompt are measured per RL step (generated tokens, executed tool calls); rollout s and "
               "update s are summed over the run's steps.", ""]
+    found = findings(rows)
+    lines += _findings_lines(found)
     md = out / f"{stem or 'results'}.md"
     md.write_text("\n".join(lines))
     js = out / f"{stem or 'results'}.json"
-    js.write_text(json.dumps({**meta, "rows": rows, "summary": agg}, indent=1))
+    js.write_text(json.dumps({**meta, "rows": rows, "summary": agg, "findings": found}, indent=1))
     png = out / f"{stem or 'budget'}.png"
     _plot(agg, png)
     return md, js, png

@@ -21,17 +21,25 @@ def require(module: str, dist: str, spec: str, extra: str) -> ModuleType:
 
     The message names the extra to install (`pip install "treegym[extra]"`) and the tested range.
     """
-    hint = f'pip install "treegym[{extra}]"'
     try:
         mod = importlib.import_module(module)
-        version = metadata.version(dist)
     except ImportError as exc:  # ModuleNotFoundError, or the library's own import failing
-        raise ImportError(f"treegym.integrations.{extra} needs {dist}{spec} ({hint}): {exc}") from exc
-    except metadata.PackageNotFoundError as exc:
-        raise ImportError(f"treegym.integrations.{extra} needs {dist}{spec} ({hint}); "
-                          f"'{module}' imports but {dist} is not installed as a distribution") from exc
-    check_version(dist, version, spec, extra)
+        raise ImportError(f'treegym.integrations.{extra} needs {dist}{spec} (pip install "treegym[{extra}]"): '
+                          f"{exc}") from exc
+    installed_version(dist, spec, extra)
     return mod
+
+
+def installed_version(dist: str, spec: str, extra: str) -> str:
+    """`dist`'s installed version, checked against `spec`, without importing it (for an adapter
+    that must check before its library's imports run); ImportError when missing or outside."""
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        raise ImportError(f"treegym.integrations.{extra} needs {dist}{spec} "
+                          f'(pip install "treegym[{extra}]"); {dist} is not installed as a distribution') from None
+    check_version(dist, version, spec, extra)
+    return version
 
 
 def check_version(dist: str, version: str, spec: str, extra: str) -> None:
@@ -42,4 +50,4 @@ def check_version(dist: str, version: str, spec: str, extra: str) -> None:
                           f'pip install "treegym[{extra}]"')
 
 
-__all__ = ["require", "check_version"]
+__all__ = ["require", "installed_version", "check_version"]

@@ -40,16 +40,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
-from treegym.integrations._common import check_version
+from treegym.integrations._requires import installed_version
 
-SUPPORTED = ("0.4.1", "0.4.2")  # [low, high): keep in step with pyproject's `openenv` extra
+OPENENV_SPEC = ">=0.4.1,<0.4.2"  # keep in step with pyproject's `openenv` extra
 
 
 def _check_openenv() -> str:
     """openenv-core (<= 0.3.0) was renamed `openenv`; verifiers 0.4's OpenEnv taskset needs
     openenv >= 0.4.1, and 0.4.1 is the one release that installs beside verifiers 0.4.0."""
     try:
-        return check_version("openenv", *SUPPORTED, module="treegym.integrations.openenv", extra="openenv")
+        return installed_version("openenv", OPENENV_SPEC, "openenv")
     except ImportError as exc:
         try:
             old = importlib.metadata.version("openenv-core")
@@ -944,4 +944,4 @@ def cli_main(argv: list[str] | None = None) -> int:
 
 __all__ = ["TreeGymAction", "TreeGymObservation", "TreeGymState", "TreeGymEnvironment", "SessionStore",
            "ServerLimits", "RequestError", "make_app", "TreeGymEnvClient", "RemoteEnv", "RemoteState",
-           "RemoteEnvError", "ServeEnvProcess", "SUPPORTED", "cli_main"]
+           "RemoteEnvError", "ServeEnvProcess", "OPENENV_SPEC", "cli_main"]

@@ -26,13 +26,13 @@ import time
 import uuid
 from typing import Any, Iterable, Sequence
 
-from treegym.integrations._common import check_version
+from treegym.integrations._requires import installed_version
 
-SUPPORTED = ("0.4.0", "0.5")  # [low, high): keep in step with pyproject's `verifiers` extra (the v1 stack)
+VERIFIERS_SPEC = ">=0.4.0,<0.5"  # keep in step with pyproject's `verifiers` extra (the v1 stack)
 
 
 def _check_verifiers() -> str:
-    return check_version("verifiers", *SUPPORTED, module="treegym.integrations.verifiers", extra="verifiers")
+    return installed_version("verifiers", VERIFIERS_SPEC, "verifiers")
 
 
 VERIFIERS_VERSION = _check_verifiers()
@@ -183,4 +183,4 @@ def policy_app(policy: Any, *, model_name: str = "treegym-tiny", stop: Sequence[
     return app
 
 
-__all__ = ["SUPPORTED", "resets", "env_config", "load_environment", "evaluate", "policy_app"]
+__all__ = ["VERIFIERS_SPEC", "resets", "env_config", "load_environment", "evaluate", "policy_app"]

@@ -48,6 +48,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from netutil import ServedApp
 
 from treegym.agents.base import GenRequest
 
@@ -392,32 +393,19 @@ def make_app(policy: Any, *, version: str = "0.5.23", deterministic: bool = Fals
 
 class StandinServer:
     """Runs `make_app(policy, **modes)` (or any ``app=``) with uvicorn on 127.0.0.1 in a
-    background thread."""
+    background thread, from entering the `with` block to leaving it."""
 
-    def __init__(self, policy: Any = None, host: str = "127.0.0.1", port: int = 0, *,
-                 app: Any = None, **modes: Any):
-        import uvicorn
-
+    def __init__(self, policy: Any = None, port: int = 0, *, app: Any = None, **modes: Any):
         self.app = app if app is not None else make_app(policy, **modes)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port,
-                                                    log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = port
 
     def __enter__(self) -> StandinServer:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("stand-in server did not start")
-            time.sleep(0.02)
-        sock = self.server.servers[0].sockets[0]
-        host, port = sock.getsockname()[:2]
-        self.url = f"http://{host}:{port}"
+        self._served = ServedApp(self.app, self.port, log_level="warning", lifespan="off")
+        self.url = self._served.url
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self._served.stop()
 
     @property
     def faults(self) -> list[str]:

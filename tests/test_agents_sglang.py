@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import socket
 import time
 import warnings
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import torch
 from fastapi import FastAPI
+from netutil import free_port
 from sglang_standin import (SEARCH_ACTION, SEARCH_PROMPT, SPLIT_HEAD, SPLIT_PROMPT, StandinServer,
                             build_split_stop_model)
 
@@ -393,9 +393,7 @@ def test_persistent_failures_name_the_url(standin, model_dir):
 
 
 def test_server_down_names_the_url(model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}"
     pol = SGLangPolicy(url, tokenizer=model_dir, retries=2, backoff=0.01, timeout=2)
     assert not pol.health()

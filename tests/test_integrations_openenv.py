@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,6 @@ from hypothesis import strategies as st
 pytest.importorskip("openenv", reason='needs pip install "treegym[openenv]"')
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from openenv import GenericEnvClient  # noqa: E402
 
 import treegym  # noqa: E402
@@ -27,35 +25,17 @@ from treegym.integrations import openenv as tg_openenv  # noqa: E402
 from treegym.integrations.openenv import (RemoteEnv, RemoteEnvError, ServeEnvProcess, ServerLimits,  # noqa: E402
                                           TreeGymEnvClient, make_app)
 from treegym.tree import rollout  # noqa: E402
+from netutil import ServedApp  # noqa: E402
 from readme_example import readme_example  # noqa: E402
 
 ACTIONS = ["<search> capital </search>", "no tags at all", "<search> born </search>", "<answer> x </answer>"]
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Served:
+class Served(ServedApp):
     def __init__(self, limits: ServerLimits = ServerLimits(), **kwargs):
-        self.app = make_app("TreeSearchQA-v0", limits, data="synthetic:multihop", **kwargs)
-        self.store = self.app.state.treegym_store
-        port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="error",
-                                                    ws_max_size=limits.max_request_bytes))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        app = make_app("TreeSearchQA-v0", limits, data="synthetic:multihop", **kwargs)
+        self.store = app.state.treegym_store
+        super().__init__(app, log_level="error", ws_max_size=limits.max_request_bytes)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@ a served treegym env and the committed warm start served as an OpenAI-compatible
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -15,39 +12,24 @@ import pytest
 pytest.importorskip("verifiers", reason='needs pip install "treegym[verifiers]"')
 pytest.importorskip("openenv", reason='needs pip install "treegym[openenv]"')
 
-import uvicorn  # noqa: E402
-
+from netutil import ServedApp, free_port  # noqa: E402
 from treegym.integrations import verifiers as tg_vf  # noqa: E402
 from treegym.integrations.openenv import ServeEnvProcess, make_app  # noqa: E402
 
 WARMSTART = Path(__file__).resolve().parent.parent / "train" / "warmstart"
 
 
-def _serve(app) -> tuple[str, uvicorn.Server]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", server
-
-
 @pytest.fixture(scope="module")
 def env_url():
-    url, server = _serve(make_app("TreeSearchQA-v0"))
-    yield url
-    server.should_exit = True
+    with ServedApp(make_app("TreeSearchQA-v0"), log_level="critical") as served:
+        yield served.url
 
 
 @pytest.fixture(scope="module")
 def model_url():
     from treegym.agents.hf import HFPolicy
-    url, server = _serve(tg_vf.policy_app(HFPolicy(WARMSTART)))
-    yield url + "/v1"
-    server.should_exit = True
+    with ServedApp(tg_vf.policy_app(HFPolicy(WARMSTART)), log_level="critical") as served:
+        yield served.url + "/v1"
 
 
 def test_config_and_load_environment_use_verifiers_own_openenv_taskset(env_url):
@@ -77,10 +59,9 @@ def test_policy_endpoint_speaks_openai_chat(model_url):
 def test_readme_example_verifiers_evaluates_8_treegym_episodes_with_the_tiny_model(tmp_path, monkeypatch, capsys):
     """The README's example, as written, against `treegym serve-env` (its command) on free ports."""
     from readme_example import readme_example
-    from test_integrations_openenv import _free_port
     env = ServeEnvProcess()
     try:
-        model_port = _free_port()
+        model_port = free_port()
         code = (readme_example("Use treegym from verifiers").replace("http://127.0.0.1:8000", env.url)
                 .replace("8001", str(model_port)))
         monkeypatch.chdir(tmp_path)  # verifiers writes its outputs under the working directory

@@ -9,13 +9,13 @@ rows themselves; treegym's env, index and server are exercised through the publi
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import gymnasium as gym
 import httpx
 import pytest
 
+from netutil import free_port
 import treegym  # noqa: F401 - registers the envs
 from treegym.envs.data.dataset import Dataset
 from treegym.envs.data.task import Task
@@ -178,10 +178,7 @@ def test_treegym_server_over_another_corpus_is_refused(indexes, corpora):
 # --- retriever URLs are checked at gym.make -----------------------------------------------------
 
 def test_unreachable_retriever_url_fails_at_make_naming_it():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there
+    port = free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}/retrieve"
     with pytest.raises(RemoteRetrieverError, match=rf"cannot reach the retriever at {url}"):
         gym.make("TreeSearchQA-v0", retriever=url)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from netutil import free_port
 from treegym.envs.data.synthetic import make_world
 from treegym.retrieval_index import build_index
 from treegym.retrieval_index.remote import RemoteRetriever, RemoteRetrieverError
@@ -277,10 +277,7 @@ def test_remote_errors_name_the_url(server):
     with RemoteRetriever(server.retrieve_url) as remote:
         with pytest.raises(RemoteRetrieverError, match=r"127\.0\.0\.1.*refused the request.*topk"):
             remote.search(["x"], 21)  # over the server's max_topk: a 4xx, not retried
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there now
+    port = free_port()  # nothing listens there now
     url = f"http://127.0.0.1:{port}/retrieve"
     with pytest.raises(RemoteRetrieverError, match=rf"{port}/retrieve failed after 2 attempt"):
         RemoteRetriever(url, retries=1, backoff=0.01, timeout=2).search(["x"], 3)
@@ -311,10 +308,7 @@ def test_backend_failure_is_reported_and_server_survives():
 def test_serve_retriever_command(index, known, tmp_path):
     """`treegym serve-retriever` as a user runs it: a real process on 127.0.0.1. A BM25 server
     with `--threads` runs without torch, which the `server` extra does not install."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     no_torch = tmp_path / "no_torch"
     no_torch.mkdir()
     (no_torch / "torch.py").write_text("raise ImportError('torch is not installed (server extra)')\n")

@@ -152,3 +152,19 @@ def test_choose_design_meets_the_target_when_it_can():
     tight = stats.choose_design(c, target_half_width=0.01, train_minutes_per_seed_arm=2.0,
                                 eval_minutes_per_question_arm=0.001, arms=6, max_minutes=40)
     assert not tight.feasible and tight.minutes <= 40
+
+
+def test_choose_designs_shares_one_budget_between_parts():
+    """Two envs, one budget: every part meets the target when the budget allows, the total stays
+    inside it, and a part whose difference is noisier is given more seeds or questions."""
+    quiet = stats.Components(seed=0.0, question=0.0, resid=0.05, n_seeds=3, n_questions=800)
+    noisy = stats.Components(seed=5e-6, question=0.0, resid=0.15, n_seeds=3, n_questions=800)
+    parts = [stats.Part(quiet, 1.0, 0.001, 6, 4000), stats.Part(noisy, 1.0, 0.001, 2, 4000)]
+    a, b = stats.choose_designs(parts, target_half_width=0.01, max_minutes=500)
+    assert a.feasible and b.feasible and a.half_width <= 0.01 and b.half_width <= 0.01
+    assert a.minutes + b.minutes <= 500 and b.seeds * b.questions > a.seeds * a.questions
+    # a budget too small for the target: the widest interval is made as narrow as the budget allows
+    tight = stats.choose_designs(parts, target_half_width=0.001, max_minutes=60)
+    assert not any(d.feasible for d in tight) and sum(d.minutes for d in tight) <= 60
+    with pytest.raises(ValueError, match="no design fits"):
+        stats.choose_designs(parts, target_half_width=0.01, max_minutes=1)

@@ -50,10 +50,10 @@ def test_write_results_has_a_web_section_scored_by_f1(tmp_path):
             "test_n": 10, "seeds": 1}
     md, js, png = write_results(tmp_path, rows, meta)
     qa_part, web_part = md.read_text().split("## TreeWebAgent-v0 (test F1)")
-    assert "## TreeSearchQA-v0 (test EM)" in qa_part and "| chain | G4 | 4 | 40.0 ± 0.0 | 40.0 |" in qa_part
-    # the web table leads with F1 and shows EM next to it
-    assert "| chain | G4 | 4 | 35.0 ± 0.0 | 10.0 |" in web_part
-    assert "| tree_grpo | M2N2L1 | 4 | 45.0 ± 0.0 | 20.0 |" in web_part
+    assert "## TreeSearchQA-v0 (test EM)" in qa_part and "| chain | G4 | 4 | 40.0 ± 0.0 |  | 40.0 |" in qa_part
+    # the web table leads with F1 and shows EM next to it (no per-question scores: no interval)
+    assert "| chain | G4 | 4 | 35.0 ± 0.0 |  | 10.0 |" in web_part
+    assert "| tree_grpo | M2N2L1 | 4 | 45.0 ± 0.0 |  | 20.0 |" in web_part
     summary = json.loads(js.read_text())["summary"]
     assert {(s["env"], s["config"]) for s in summary} >= {(web, "M2N2L1"), ("TreeSearchQA-v0", "G4")}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -181,3 +181,134 @@ def test_findings_refuse_arms_scored_on_different_questions():
     b["test_scores"]["task_ids"] = list(reversed(b["test_scores"]["task_ids"]))
     with pytest.raises(ValueError, match="different test questions"):
         findings([a, b])
+
+
+# -- issue 15: pools, budgets, curves, the pilot's design, the quick path -----------------------
+
+
+@pytest.mark.parametrize("env_id", ["TreeSearchQA-v0", "TreeWebAgent-v0"])
+def test_the_three_question_pools_are_disjoint(env_id):
+    """SFT trains on one pool, RL draws from a second, every test score comes from a third: no
+    question (by id or by text) is in two of them, and RL's pool is large enough for a study's
+    runs (no prompt repeats within 800 prompts)."""
+    from treegym.train.bench import RL_POOL, TEST_POOL
+    from treegym.train.evaluate import make_env
+    from treegym.train.sft import TRAIN_POOL
+
+    assert len({TRAIN_POOL, RL_POOL, TEST_POOL}) == 3
+    pools = {p: list(make_env("synthetic", p, env_id).unwrapped.tasks) for p in (TRAIN_POOL, RL_POOL, TEST_POOL)}
+    for a, b in ((TRAIN_POOL, RL_POOL), (TRAIN_POOL, TEST_POOL), (RL_POOL, TEST_POOL)):
+        assert not {t.id for t in pools[a]} & {t.id for t in pools[b]}
+        assert not {t.question for t in pools[a]} & {t.question for t in pools[b]}, (a, b)
+    assert len(pools[RL_POOL]) >= 800
+
+
+def test_the_committed_warm_starts_record_the_pools_they_saw():
+    from treegym.train.bench import WARMSTARTS, warmstart_pools
+
+    for where in WARMSTARTS.values():
+        assert warmstart_pools(where)["trained_on"] == ["train"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rl-split", "train"], "was trained on the 'train' questions"),
+    (["--rl-split", "test"], "the test questions score every arm"),
+    (["--rl-split", "nope"], "nope"),
+    (["--steps", "100", "--prompts", "16"], "prompts would repeat"),
+    (["--max-minutes", "0.5"], "over --max-minutes 0.5"),
+    (["--arms", "G5"], "no arm named G5"),
+])
+def test_bench_refuses_a_bad_design_before_training(tmp_path, argv, message):
+    """SFT/RL pool overlap, RL on test questions, repeated prompts, an over-budget design or an
+    unknown arm: refused with what to change, before any model loads (no output folder made)."""
+    from treegym.train.bench import cli_main
+
+    out = tmp_path / "never-created"
+    with pytest.raises(SystemExit, match=message):
+        cli_main(["--quick", "--env", "TreeSearchQA-v0", "--out", str(out), *argv])
+    assert not out.exists()
+
+
+def test_from_scratch_warm_starts_count_as_trained_on_the_train_pool(tmp_path):
+    from treegym.train.bench import cli_main
+
+    with pytest.raises(SystemExit, match="to be built"):
+        cli_main(["--quick", "--from-scratch", "--rl-split", "train", "--out", str(tmp_path / "x")])
+
+
+def test_study_needs_the_pilot_design(tmp_path, monkeypatch):
+    from treegym.train import bench
+
+    monkeypatch.setattr(bench, "PILOT_FILE", tmp_path / "no_pilot.json")
+    with pytest.raises(SystemExit, match="--pilot"):
+        bench.cli_main(["--study", "--out", str(tmp_path / "x")])
+
+
+def test_estimated_minutes_follow_the_cost_model():
+    from treegym.train.bench import QA_ENV, Job, chain_arm, estimate_minutes
+
+    costs = {QA_ENV: {"train_s": 0.01, "eval_s": 0.02}}
+    job = Job(QA_ENV, chain_arm(4), 0, steps=10, prompts=6, test_n=100, curve_every=5, curve_n=50)
+    # 10 x 6 x (4 + 1.7) x 0.01 = 3.42 s of training; (100 + 1 curve point x 50) x 0.02 = 3 s of eval
+    assert job.curve_points == 1 and job.core_seconds(costs) == pytest.approx(6.42)
+    assert estimate_minutes([job, job], {QA_ENV: 60}, costs, workers=2) == pytest.approx((12.84 + 1.2) / 2 / 60)
+
+
+def test_pilot_design_gives_more_seeds_to_a_noisier_difference():
+    """`pilot_design` on simulated pilot rows: the components are those of the paired difference,
+    the design stays inside the budget, and seed noise in the difference costs seeds."""
+    import numpy as np
+
+    from treegym.train.bench import PILOT_ARMS, QA_ENV, pilot_design
+
+    def rows_for(shifts):
+        rng = np.random.default_rng(0)
+        base = (rng.random(800) < 0.55).astype(float)
+        out = []
+        for seed, shift in enumerate(shifts):  # the tree gains on 8% + shift of the misses, loses 6% of the hits
+            gain = (base == 0) & (rng.random(800) < 0.08 + shift)
+            loss = (base == 1) & (rng.random(800) < 0.06)
+            for arm, em in zip(PILOT_ARMS, (base, base + gain - loss)):
+                out.append({"env": QA_ENV, "method": arm.method, "config": arm.config, "budget": arm.budget,
+                            "seed": seed, "prompts": 16, "steps": 20,
+                            "test_scores": {"task_ids": list(range(800)), "em": em.tolist(), "f1": em.tolist()}})
+        return out
+
+    costs = {QA_ENV: {"train_s": 0.008, "eval_s": 0.013}}
+    quiet = pilot_design(rows_for([0.0, 0.0, 0.0]), [QA_ENV], (16, 20), costs, core_minutes=120, curve_n=200)[QA_ENV]
+    noisy = pilot_design(rows_for([-0.06, 0.0, 0.08]), [QA_ENV], (16, 20), costs, core_minutes=120, curve_n=200)[QA_ENV]
+    for d in (quiet, noisy):
+        assert d["core_minutes"] <= 120 and d["prompts"] == 16 and d["steps"] == 20 and d["seeds"] >= 2
+        assert d["components"]["resid"] > 0
+    assert noisy["components"]["seed"] > quiet["components"]["seed"]
+    assert noisy["expected_half_width"] > quiet["expected_half_width"]
+
+
+def test_quick_path_end_to_end_in_parallel_with_curves(tmp_path, one_torch_thread):
+    """`treegym bench --quick` (what `make run` runs) on a tiny plan, its runs in 2 worker
+    processes: every arm's row, learning curves from the SFT point to the last step, the findings
+    table, pools and core-minutes in the metadata; and a worker's row equals the same run
+    in-process (curve evaluations included: they do not disturb training)."""
+    from treegym.train import bench
+
+    out = tmp_path / "run"
+    argv = ["--quick", "--env", "TreeSearchQA-v0", "--steps", "2", "--prompts", "2", "--test-n", "6",
+            "--curve-every", "1", "--curve-n", "3", "--jobs", "2", "--out", str(out), "--no-repo-results"]
+    assert bench.cli_main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["config"]) for r in data["rows"]] == [
+        ("sft", "warmstart"), ("chain", "G4"), ("chain", "G16"), ("tree_grpo", "M2N2L1")]
+    assert data["rl_split"] == "dev" and data["warmstart_pools"]["TreeSearchQA-v0"]["trained_on"] == ["train"]
+    assert data["cpu_minutes"] > 0 and {f["finding"] for f in data["findings"]} == {
+        "(a) tree vs chain, matched budget", "(a) tree at <= 1/4 of the chain budget"}
+    g4 = data["rows"][1]
+    assert [p["step"] for p in g4["curve"]] == [1, 2] and g4["curve"][0]["tokens"] > 0
+    curves = bench.curve_means(data["rows"])
+    assert [p["step"] for p in curves[("TreeSearchQA-v0", "chain:G4")]] == [0, 1, 2]
+    assert (out / "results_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Findings" in (out / "results.md").read_text()
+    again = bench.run_arm(bench.chain_arm(4), 0, bench.WARMSTART_DIR, tmp_path / "again", steps=2, prompts=2,
+                          lr=1e-4, test_n=6, threads=1, max_new_tokens=24, log=lambda *_: None, progress=False)
+    for key in ("test_scores", "tokens_per_prompt", "train_reward", "tool_calls_per_prompt"):
+        assert again[key] == g4[key], key
+    assert again["curve"] == []

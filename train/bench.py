@@ -44,7 +44,7 @@ from treegym.envs.data import resolve_dataset
 from treegym.train import stats
 from treegym.train.config import TrainConfig
 from treegym.train.evaluate import make_env, run_episodes, select_tasks, summarize
-from treegym.train.sft import WARMSTART_DIR, run_sft
+from treegym.train.sft import MONITOR_POOL, TRAIN_POOL, WARMSTART_DIR, run_sft
 from treegym.train.trainer import Trainer
 
 QA_ENV, WEB_ENV = "TreeSearchQA-v0", "TreeWebAgent-v0"
@@ -54,6 +54,11 @@ WARMSTARTS = {QA_ENV: WARMSTART_DIR, WEB_ENV: WARMSTART_WEB_DIR}
 MAX_NEW_TOKENS = {QA_ENV: 24, WEB_ENV: 32}
 HEADLINE = {QA_ENV: "EM", WEB_ENV: "F1"}  # the paper's metric per setting (summary keys em_* / f1_*)
 REPO_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+# Three disjoint question pools of the synthetic world (issue 15): the warm start's gradients come
+# from TRAIN_POOL (`treegym sft`), RL prompts from RL_POOL (never in a warm start's gradient), and
+# every test score, learning-curve point and SFT row from TEST_POOL.
+RL_POOL, TEST_POOL = "dev", "test"
 
 
 @dataclass(frozen=True)
@@ -177,25 +182,159 @@ def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
     return target
 
 
+def warmstart_pools(where: Path | None) -> dict | None:
+    """The pools a warm start touched, from its `sft_meta.json` (None: not a `treegym sft` warm
+    start, pools unknown). Warm starts older than the record trained on TRAIN_POOL and monitored
+    on MONITOR_POOL: `run_sft` has read no other split."""
+    meta_path = Path(where) / "sft_meta.json" if where is not None else None
+    if meta_path is None or not meta_path.is_file():
+        return None
+    return json.loads(meta_path.read_text()).get("pools") or {"trained_on": [TRAIN_POOL],
+                                                             "monitored_on": [MONITOR_POOL]}
+
+
+def check_pools(rl_split: str, starts: dict[str, Path | None], *, steps: int, prompts: int) -> dict:
+    """Refuse, before anything trains, RL prompts from the test pool, from a pool a warm start
+    trained on, or from a pool so small that a prompt would repeat within a run (the trainer draws
+    a seeded permutation per epoch). `starts[env] = None` is a warm start still to be built by
+    `treegym sft` (TRAIN_POOL). Returns each env's warm-start pools for the results' metadata."""
+    if rl_split == TEST_POOL:
+        raise SystemExit(f"treegym bench: --rl-split {TEST_POOL}: the test questions score every arm; "
+                         f"RL prompts must come from another pool (use --rl-split {RL_POOL})")
+    pools = {}
+    for env_id, where in starts.items():
+        seen = warmstart_pools(where) if where is not None else {"trained_on": [TRAIN_POOL],
+                                                                  "monitored_on": [MONITOR_POOL]}
+        pools[env_id] = seen
+        if seen is not None and rl_split in seen["trained_on"]:
+            raise SystemExit(f"treegym bench: --rl-split {rl_split}: the {env_id} warm start ({where or 'to be built'}) "
+                             f"was trained on the {rl_split!r} questions, so RL on them measures memory, not "
+                             f"search; use --rl-split {RL_POOL} (questions it never trained on)")
+        try:
+            size = len(make_env("synthetic", rl_split, env_id).unwrapped.tasks)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"treegym bench: --rl-split {rl_split}: {e}") from None
+        if steps * prompts > size:
+            raise SystemExit(f"treegym bench: {steps} steps x {prompts} prompts = {steps * prompts} RL prompts, but "
+                             f"the {rl_split!r} pool of {env_id} has {size} questions: prompts would repeat within a "
+                             f"run; use --steps x --prompts <= {size}")
+    return pools
+
+
+# What a run costs, in core-seconds at 1 torch thread: an RL step costs `train_s` x (budget +
+# PROMPT_OVERHEAD) per prompt (the rollout and update of `budget` chains, plus the per-prompt work
+# that does not grow with them: prompt encoding, scoring, packing), a greedy test question
+# `eval_s`. PROMPT_OVERHEAD is from the quick run's chain G4 / G16 times (9.2 / 28.4 s for 96
+# prompts at budgets 4 / 16); `treegym bench --pilot` measures `train_s` and `eval_s` per env and
+# writes them to benchmarks/results/bench_pilot.json, which replaces these first guesses.
+PROMPT_OVERHEAD = 1.7
+FALLBACK_COSTS = {QA_ENV: {"train_s": 0.03, "eval_s": 0.013}, WEB_ENV: {"train_s": 0.1, "eval_s": 0.065}}
+PILOT_FILE = REPO_RESULTS / "bench_pilot.json"
+
+
+def read_pilots(files: Sequence[Path]) -> tuple[dict, dict]:
+    """(design, costs) per env from pilot result files (`--pilot` writes them; a later file's env
+    replaces an earlier one's); missing files are skipped."""
+    design: dict = {}
+    costs: dict = {}
+    for f in files:
+        if Path(f).is_file():
+            data = json.loads(Path(f).read_text())
+            design.update(data.get("design", {}))
+            costs.update(data.get("costs", {}))
+    return design, costs
+
+
+def run_costs(files: Sequence[Path] = (PILOT_FILE,)) -> dict[str, dict[str, float]]:
+    """Per-env cost constants: the pilots' measurements where present, else FALLBACK_COSTS."""
+    measured = read_pilots(files)[1]
+    return {env_id: measured.get(env_id, c) for env_id, c in FALLBACK_COSTS.items()}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One RL run of a study: an arm, a seed and everything its cost depends on."""
+
+    env_id: str
+    arm: Arm
+    seed: int
+    steps: int
+    prompts: int
+    test_n: int
+    curve_every: int
+    curve_n: int
+
+    @property
+    def curve_points(self) -> int:
+        return len(curve_steps(self.steps, self.curve_every))
+
+    def core_seconds(self, costs: dict[str, dict[str, float]]) -> float:
+        c = costs[self.env_id]
+        train = self.steps * self.prompts * (self.arm.budget + PROMPT_OVERHEAD) * c["train_s"]
+        return train + (self.test_n + self.curve_points * self.curve_n) * c["eval_s"]
+
+
+def curve_steps(steps: int, every: int) -> list[int]:
+    """The steps after which a run's learning curve is taken (the last step is the run's final
+    test score, step 0 the SFT row's: neither is evaluated twice)."""
+    return [s for s in range(every, steps, every)] if every > 0 else []
+
+
+def estimate_minutes(jobs: Sequence[Job], sft_evals: dict[str, int], costs: dict, workers: int) -> float:
+    """Expected wall minutes of a study: its core-seconds spread over `workers` single-thread
+    processes (the runs are independent and of similar length)."""
+    total = sum(j.core_seconds(costs) for j in jobs) + sum(n * costs[e]["eval_s"] for e, n in sft_evals.items())
+    return total / max(1, workers) / 60
+
+
 def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prompts: int,
             lr: float, minibatch_prompts: int = 2, test_n: int, threads: int, max_new_tokens: int, log: Any,
-            env_id: str = QA_ENV, rl_split: str = "train") -> dict:
+            env_id: str = QA_ENV, rl_split: str = RL_POOL, curve_every: int = 0, curve_n: int = 0,
+            progress: bool = True) -> dict:
+    """Train `arm` from `model_dir` for `steps` x `prompts` RL prompts of `rl_split`, then score it
+    greedily on the env's `test_n` test questions. With `curve_every`, the first `curve_n` of those
+    questions are also scored after every `curve_every` steps: the learning curve, against the
+    cumulative generated tokens and update seconds at that step."""
     tag = "" if env_id == QA_ENV else "web-"
     cfg = TrainConfig(model=str(model_dir), env=env_id, data="synthetic", split=rl_split,
                       out=str(out / f"{tag}{arm.method}-{arm.config}-s{seed}"),
                       algo=arm.algo, advantage=arm.advantage, steps=steps, prompts_per_step=prompts,
                       minibatch_prompts=minibatch_prompts, seed=seed, eval_every=0, save_every=10 ** 9,
                       keep_checkpoints=1, save_trees_every=max(1, steps), threads=threads,
-                      progress=True)
+                      progress=progress)
     for k, v in arm.rollout.items():
         setattr(cfg.rollout, k, v)
     cfg.rollout.max_new_tokens = max_new_tokens
     cfg.optim.lr = lr
+    metric = HEADLINE[env_id].lower()
+    test_env = make_env("synthetic", TEST_POOL, env_id)
+    tasks = select_tasks(test_env, test_n, seed=0)
+    curve: list[dict] = []
+    spent = {"tokens": 0.0, "update_s": 0.0, "curve_s": 0.0}
+    at = set(curve_steps(steps, curve_every))
+
+    def on_step(trainer: Trainer, rec: dict) -> dict:
+        spent["tokens"] += rec["tokens_per_prompt"] * prompts
+        spent["update_s"] += rec["update_s"]
+        if trainer.step not in at:
+            return {}
+        t = time.perf_counter()
+        m = test_metrics(trainer.policy, test_env, tasks[:curve_n], max_new_tokens)
+        spent["curve_s"] += time.perf_counter() - t
+        curve.append({"step": trainer.step, "tokens": spent["tokens"], "update_s": spent["update_s"],
+                      metric: m[f"greedy/{metric}"]})
+        return {f"curve/{metric}": m[f"greedy/{metric}"]}
+
     t0 = time.perf_counter()
     trainer = Trainer(cfg, log=log)
-    records = trainer.train()
-    train_wall = time.perf_counter() - t0
-    m = test_metrics(trainer.policy, env_id, test_n, max_new_tokens)
+    records = trainer.train(on_step=on_step)
+    train_wall = time.perf_counter() - t0 - spent["curve_s"]
+    t1 = time.perf_counter()
+    m = test_metrics(trainer.policy, test_env, tasks, max_new_tokens)
+    eval_s = time.perf_counter() - t1
+    if curve_every:  # the final point: the same questions' scores in the final test run
+        curve.append({"step": steps, "tokens": spent["tokens"], "update_s": spent["update_s"],
+                      metric: float(statistics.fmean(m["scores"][metric][:curve_n]))})
 
     def mean(key: str) -> float:
         return float(statistics.fmean(r[key] for r in records)) if records else 0.0
@@ -208,14 +347,18 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
             "train_reward": mean("reward"), "last_reward": records[-1]["reward"] if records else 0.0,
             "rollout_s": sum(r["rollout_s"] for r in records),
             "update_s": sum(r["update_s"] for r in records),
-            "wall_s": train_wall, "steps": steps}
+            "wall_s": train_wall, "eval_s": eval_s, "curve_s": spent["curve_s"], "threads": threads,
+            "steps": steps, "prompts": prompts, "curve": curve, "curve_n": curve_n if curve_every else 0}
 
 
-def test_metrics(policy: Any, env_id: str, test_n: int, max_new_tokens: int) -> dict:
-    """Greedy metrics on the same `test_n` test tasks (seeded choice) for every arm of an env,
-    with each task's EM and F1 (`scores`): the intervals pair arms question by question."""
-    env = make_env("synthetic", "test", env_id)
-    tasks = select_tasks(env, test_n, seed=0)
+def test_metrics(policy: Any, env: Any, tasks: Sequence[Any] | int, max_new_tokens: int) -> dict:
+    """Greedy metrics on test tasks with each task's EM and F1 (`scores`): the intervals pair arms
+    question by question. `env` is a test env or an env id, `tasks` a list or a count (the seeded
+    choice every arm of an env shares)."""
+    if isinstance(env, str):
+        env = make_env("synthetic", TEST_POOL, env)
+    if isinstance(tasks, int):
+        tasks = select_tasks(env, tasks, seed=0)
     episodes = run_episodes(policy, env, tasks, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
     return {**summarize(episodes, "greedy/"),
             "scores": {"task_ids": [e.task_id for e in episodes], "em": [float(e.em) for e in episodes],
@@ -316,10 +459,15 @@ def _agg(rows: list[dict]) -> list[dict]:
     for (env_id, method, config, budget), rs in groups.items():
         ems = [r["test_em"] for r in rs]
         f1s = [r["test_f1"] for r in rs]
+        metric = HEADLINE[env_id].lower()
+        ci = None  # 95% interval over seeds x questions, when every run kept its per-question scores
+        if all("test_scores" in r for r in rs) and len({len(r["test_scores"][metric]) for r in rs}) == 1:
+            ci = stats.interval([r["test_scores"][metric] for r in sorted(rs, key=lambda r: r["seed"])]).as_dict()
         out.append({"env": env_id, "method": method, "config": config, "budget": budget, "n": len(rs),
                     "em_mean": statistics.fmean(ems), "em_std": statistics.stdev(ems) if len(ems) > 1 else 0.0,
                     "f1_mean": statistics.fmean(f1s), "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
-                    **{k: statistics.fmean(r[k] for r in rs) for k in
+                    "interval": ci,
+                    **{k: statistics.fmean(r.get(k, 0.0) for r in rs) for k in
                        ("tokens_per_prompt", "tool_calls_per_prompt", "rollout_s", "update_s", "wall_s")}})
     return out
 
@@ -335,26 +483,32 @@ def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = No
     lines = [f"# treegym bench{' --quick' if meta.get('quick') else ''}", "",
              f"{command}commit `{meta['commit']}`{dirty} · {meta['machine']} · {meta['steps']} RL steps × "
              f"{meta['prompts']} prompts · lr {meta['lr']} · greedy on {meta['test_n']} test tasks · "
-             f"seeds {meta['seeds']}", ""]
+             f"seeds {meta['seeds']}" + (f" · RL prompts from `{meta['rl_split']}`, test from `{TEST_POOL}`"
+                                         if meta.get("rl_split") else "")
+             + (f" · {meta['cpu_minutes']:.0f} core-minutes, {meta['wall_s'] / 60:.0f} wall minutes on "
+                f"{meta.get('jobs', 1)} worker(s)" if "cpu_minutes" in meta else ""), ""]
     envs = list(dict.fromkeys(a["env"] for a in agg))
     for env_id in envs:
         name = HEADLINE[env_id]
         other = "F1" if name == "EM" else "EM"
         if len(envs) > 1 or env_id != QA_ENV:
             lines += [f"## {env_id} (test {name})", ""]
-        lines += [f"| method | config | budget (chains/prompt) | test {name} (mean ± std) | test {other} | "
-                  "tokens/prompt | tool calls/prompt | rollout s | update s | seeds |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| method | config | budget (chains/prompt) | test {name} (mean ± seed std) | 95% CI | "
+                  f"test {other} | tokens/prompt | tool calls/prompt | rollout s | update s | seeds |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for a in sorted((a for a in agg if a["env"] == env_id),
                         key=lambda a: (a["method"] != "sft", a["method"], a["budget"])):
             head, std, oth = a[f"{name.lower()}_mean"], a[f"{name.lower()}_std"], a[f"{other.lower()}_mean"]
+            ci = a["interval"]
+            ci_txt = (f"[{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]" + ("" if ci["seed_var_known"] else "*")) if ci else ""
             lines.append(f"| {a['method']} | {a['config']} | {a['budget']:g} | {100 * head:.1f} ± "
-                         f"{100 * std:.1f} | {100 * oth:.1f} | {a['tokens_per_prompt']:.0f} | "
+                         f"{100 * std:.1f} | {ci_txt} | {100 * oth:.1f} | {a['tokens_per_prompt']:.0f} | "
                          f"{a['tool_calls_per_prompt']:.2f} | {a['rollout_s']:.0f} | {a['update_s']:.0f} | {a['n']} |")
         lines.append("")
     lines += ["Budget = expected chains per prompt: chain G, tree M·(1+N·L/2). tokens/prompt and tool "
               "calls/prompt are measured per RL step (generated tokens, executed tool calls); rollout s and "
-              "update s are summed over the run's steps.", ""]
+              "update s are summed over the run's steps (means over seeds). 95% CI: crossed seeds × questions "
+              "(`treegym.train.stats.interval`); * = one seed, the interval covers the question sampling only.", ""]
     found = findings(rows)
     lines += _findings_lines(found)
     md = out / f"{stem or 'results'}.md"
@@ -363,6 +517,8 @@ def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = No
     js.write_text(json.dumps({**meta, "rows": rows, "summary": agg, "findings": found}, indent=1))
     png = out / f"{stem or 'budget'}.png"
     _plot(agg, png)
+    if any(r.get("curve") for r in rows):
+        _plot_curves(rows, out / f"{stem or 'results'}_curves.png")
     return md, js, png
 
 
@@ -398,9 +554,194 @@ def _plot(agg: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
+# The study of issue 15: every arm its three findings compare. The web env runs the matched-budget
+# pair only (its chain G16 alone would cost as much as the whole QA part).
+STUDY_ARMS = {QA_ENV: (chain_arm(4), chain_arm(16), tree_arm(2), *ABLATION_ARMS),
+              WEB_ENV: (chain_arm(4), tree_arm(2))}
+# The pilot: the matched-budget pair, 3 seeds, at two ways of spending the same 320 RL prompts
+# (fewer, larger steps average more prompts into each gradient). QA runs both; the web env runs
+# the one QA chooses. Its test sets: QA's whole pool, half of the web env's (the web eval is 5x
+# dearer per question; the components are per question and do not depend on the count).
+PILOT_ARMS = (chain_arm(4), tree_arm(2))
+PILOT_SETTINGS = ((8, 40), (16, 20))  # (prompts per step, steps)
+PILOT_SEEDS = 3
+PILOT_TEST_N = {QA_ENV: 800, WEB_ENV: 400}
+TARGET_HALF_WIDTH = 0.01  # the issue's +-1.0 EM point for a paired difference
+
+
+def _worker_log(job: Job) -> Any:
+    def log(msg: str) -> None:
+        print(f"[{job.env_id} {job.arm.method}:{job.arm.config} seed {job.seed}] {msg}", file=sys.stderr, flush=True)
+    return log
+
+
+def _run_job(job: Job, start: str, out: str, opts: dict) -> dict:
+    """One run, in a worker process when the study runs in parallel (top level: picklable)."""
+    torch.set_num_threads(opts["threads"])
+    return run_arm(job.arm, job.seed, Path(start), Path(out), steps=job.steps, prompts=job.prompts,
+                   lr=opts["lr"], minibatch_prompts=opts["minibatch_prompts"], test_n=job.test_n,
+                   threads=opts["threads"], max_new_tokens=opts["max_new_tokens"][job.env_id],
+                   log=opts.get("log") or _worker_log(job), env_id=job.env_id, rl_split=opts["rl_split"],
+                   curve_every=job.curve_every, curve_n=job.curve_n, progress=opts["progress"])
+
+
+def run_jobs(jobs: Sequence[Job], starts: dict[str, Path], out: Path, opts: dict, *, workers: int,
+             log: Any, on_row: Any = None) -> list[dict]:
+    """Every job's row, in job order. With `workers` > 1 the runs go to that many single-thread
+    worker processes (spawned: no forked torch state); a run's numbers do not depend on it (each
+    run is seeded by its own seed, and 1 vs 2 torch threads gave the same rows, NOTES.md)."""
+    rows: dict[int, dict] = {}
+
+    def done(i: int, row: dict) -> None:
+        rows[i] = row
+        j = jobs[i]
+        log(f"{len(rows)}/{len(jobs)} {j.env_id} {j.arm.method}:{j.arm.config} seed {j.seed}: "
+            f"test {HEADLINE[j.env_id]} {row['test_' + HEADLINE[j.env_id].lower()]:.3f}, "
+            f"{row['tokens_per_prompt']:.0f} tokens/prompt, rollout {row['rollout_s']:.0f}s, "
+            f"update {row['update_s']:.0f}s")
+        if on_row is not None:
+            on_row([rows[k] for k in sorted(rows)])
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            log(f"run {job.env_id} {job.arm.method} {job.arm.config} (budget {job.arm.budget:g}) seed {job.seed}: "
+                f"{job.steps} steps × {job.prompts} prompts")
+            done(i, _run_job(job, str(starts[job.env_id]), str(out), {**opts, "log": log}))
+        return [rows[k] for k in sorted(rows)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job, job, str(starts[job.env_id]), str(out), {**opts, "progress": False}): i
+                   for i, job in enumerate(jobs)}
+        for fut in as_completed(futures):
+            done(futures[fut], fut.result())
+    return [rows[k] for k in sorted(rows)]
+
+
+def _costs_from(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per-env cost constants (core-seconds) measured on a pilot's rows: see `Job.core_seconds`."""
+    out = {}
+    for env_id in dict.fromkeys(r["env"] for r in rows):
+        rs = [r for r in rows if r["env"] == env_id and r["method"] != "sft"]
+        units = sum(r["steps"] * r["prompts"] * (r["budget"] + PROMPT_OVERHEAD) for r in rs)
+        out[env_id] = {"train_s": sum(r["wall_s"] * r["threads"] for r in rs) / units,
+                       "eval_s": sum(r["eval_s"] * r["threads"] for r in rs) / sum(r["test_n"] for r in rs)}
+    return out
+
+
+def _pair_table(rows: list[dict], env_id: str, a: Arm, b: Arm) -> tuple[list, list]:
+    metric = HEADLINE[env_id].lower()
+
+    def runs(arm: Arm) -> dict[int, dict]:
+        return {r["seed"]: r for r in rows if r["env"] == env_id and r["method"] == arm.method
+                and r["config"] == arm.config}
+
+    ra, rb = runs(a), runs(b)
+    seeds = sorted(set(ra) & set(rb))
+    return ([ra[s]["test_scores"][metric] for s in seeds], [rb[s]["test_scores"][metric] for s in seeds])
+
+
+def _study_part(env_id: str, c: stats.Components, costs: dict, steps: int, prompts: int, curve_n: int,
+                test_pool: int) -> stats.Part:
+    """An env's share of the study for `stats.choose_designs`, in core-minutes."""
+    jobs = [Job(env_id, arm, 0, steps, prompts, 0, max(1, steps // 4), curve_n) for arm in STUDY_ARMS[env_id]]
+    train = statistics.fmean(j.core_seconds(costs) for j in jobs) / 60
+    return stats.Part(c, train, costs[env_id]["eval_s"] / 60, len(jobs), test_pool)
+
+
+def pilot_design(rows: list[dict], envs: Sequence[str], setting: tuple[int, int], costs: dict, *,
+                 core_minutes: float, curve_n: int) -> dict:
+    """The study design from a pilot's rows: each env's paired (tree - chain G4) variance
+    components at `setting`, and the seeds and test questions per env that `stats.choose_designs`
+    picks for STUDY_ARMS within `core_minutes` (SFT rows' evals included)."""
+    prompts, steps = setting
+    parts, comps = [], {}
+    for env_id in envs:
+        sel = [r for r in rows if r["env"] == env_id and (r["prompts"], r["steps"]) == setting]
+        ya, yb = _pair_table(sel, env_id, PILOT_ARMS[1], PILOT_ARMS[0])
+        comps[env_id] = stats.components([[x - y for x, y in zip(ra, rb)] for ra, rb in zip(ya, yb)])
+        pool = len(make_env("synthetic", TEST_POOL, env_id).unwrapped.tasks)
+        parts.append(_study_part(env_id, comps[env_id], costs, steps, prompts, curve_n, pool))
+    sft = sum(len(make_env("synthetic", TEST_POOL, e).unwrapped.tasks) * costs[e]["eval_s"] for e in envs) / 60
+    designs = stats.choose_designs(parts, target_half_width=TARGET_HALF_WIDTH, max_minutes=core_minutes - sft)
+    return {env_id: {"prompts": prompts, "steps": steps, "seeds": d.seeds, "test_n": d.questions,
+                     "curve_every": max(1, steps // 4), "curve_n": min(curve_n, d.questions),
+                     "expected_half_width": d.half_width, "core_minutes": d.minutes, "feasible": d.feasible,
+                     "components": comps[env_id].as_dict()}
+            for env_id, d in zip(envs, designs)}
+
+
+def _meta(argv: list[str], a: argparse.Namespace, commit: str, dirty: bool | None, **extra: Any) -> dict:
+    return {"argv": ["treegym", "bench", *argv], "command": shlex.join(["treegym", "bench", *argv]),
+            "commit": commit, "dirty": dirty, "machine": _machine(), "quick": a.quick, "lr": a.lr,
+            "minibatch_prompts": a.minibatch_prompts, "rl_split": a.rl_split, "test_pool": TEST_POOL,
+            "jobs": a.jobs, **extra}
+
+
+def curve_means(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Each (env, arm)'s learning curve averaged over its seeds, from step 0 (the SFT row's score on
+    the same curve questions) to the last step: points with step, tokens, update_s and the metric."""
+    sft = {r["env"]: r for r in rows if r["method"] == "sft"}
+    out: dict[tuple[str, str], list[dict]] = {}
+    for env_id, arm in dict.fromkeys((r["env"], f"{r['method']}:{r['config']}") for r in rows if r.get("curve")):
+        metric = HEADLINE[env_id].lower()
+        runs = [r for r in rows if r["env"] == env_id and f"{r['method']}:{r['config']}" == arm and r.get("curve")]
+        n = min(len(r["curve"]) for r in runs)
+        pts = [{k: statistics.fmean(r["curve"][i][k] for r in runs) for k in ("step", "tokens", "update_s", metric)}
+               for i in range(n)]
+        if env_id in sft and "test_scores" in sft[env_id]:
+            first = sft[env_id]["test_scores"][metric][:runs[0]["curve_n"]]
+            pts.insert(0, {"step": 0, "tokens": 0.0, "update_s": 0.0, metric: statistics.fmean(first)})
+        out[(env_id, arm)] = pts
+    return out
+
+
+def _plot_curves(rows: list[dict], png: Path) -> None:
+    """One figure per study: held-out score against cumulative generated tokens (left) and
+    cumulative update seconds (right), one row per env, one line per arm (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = curve_means(rows)
+    envs = list(dict.fromkeys(e for e, _ in curves))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {arm: palette[i % len(palette)] for i, arm in enumerate(dict.fromkeys(a for _, a in curves))}
+    fig, axes = plt.subplots(len(envs), 2, figsize=(12, 4 * len(envs)), squeeze=False)
+    for (ax_tok, ax_upd), env_id in zip(axes, envs):
+        name = HEADLINE[env_id]
+        for (e, arm), pts in curves.items():
+            if e != env_id:
+                continue
+            ys = [100 * p[name.lower()] for p in pts]
+            ax_tok.plot([p["tokens"] for p in pts], ys, marker="o", label=arm, color=color[arm])
+            ax_upd.plot([p["update_s"] for p in pts], ys, marker="o", label=arm, color=color[arm])
+        n = next(r["curve_n"] for r in rows if r["env"] == env_id and r.get("curve"))
+        for ax, xlabel in ((ax_tok, "generated tokens (cumulative, per run)"), (ax_upd, "update seconds (cumulative)")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"test {name} on {n} held-out questions (%)")
+            ax.set_title(f"{env_id}: learning curves (mean over seeds)", fontsize=10)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="treegym bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 seed, chain G4/G16 vs tree M2N2L1 (~20 min on 2 cores)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1 seed, chain G4/G16 vs tree M2N2L1 (what `make run` runs)")
+    mode.add_argument("--pilot", action="store_true",
+                      help="measure the variance components and costs, choose the study design "
+                           "(benchmarks/results/bench_pilot.*)")
+    mode.add_argument("--study", action="store_true",
+                      help="every arm of the three findings with the design of the committed pilot "
+                           "(benchmarks/results/bench_study.*)")
+    p.add_argument("--design", type=Path, nargs="+", default=None,
+                   help="pilot result files whose designs (--study) and measured costs (every estimate) to use "
+                        "(default benchmarks/results/bench_pilot.json)")
     p.add_argument("--ablations", action="store_true", help="add token-level nodes and inter/intra-only advantages")
     p.add_argument("--arms", default=None,
                    help="run only these arms: comma list of configs (G16, M2N2L1), methods (chain, "
@@ -410,9 +751,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--from-scratch", action="store_true", help="rebuild the SFT warm start instead of using the committed one")
     p.add_argument("--warmstart", type=Path, default=None, help="start from this model dir instead of the committed warm start")
-    p.add_argument("--seeds", type=int, default=None, help="default 1 (quick) / 3")
-    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default 12 quick / 30)")
-    p.add_argument("--prompts", type=int, default=None, help="prompts per RL step (default 8)")
+    p.add_argument("--seeds", type=int, default=None, help="default 1 (quick) / 3 / the pilot's design (--study)")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per run (default 12 quick / 30 / the pilot's)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per RL step (default 8 / the pilot's)")
     # Tiny-model RL defaults (ours). lr: the first quick run used 5e-4 (the GRPO lr in
     # ../shared/REFERENCE.md) and every arm fell *below* the SFT start (38.5% -> 15-24% test EM)
     # while KL to the start model rose from 0.0002 to 0.15-0.26 in 8 steps: the steps were too
@@ -421,41 +762,114 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     # entropy coefficients 0.001 as in Tree-GRPO.
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--minibatch-prompts", type=int, default=2)
-    p.add_argument("--test-n", type=int, default=None, help="test tasks for EM (default 400 quick / 800)")
+    p.add_argument("--test-n", type=int, default=None, help="test tasks for EM (default 400 quick / 800 / the pilot's)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="per generation (default: QA 24, web 32 — a web action carries a URL)")
     p.add_argument("--env", nargs="+", choices=(QA_ENV, WEB_ENV), default=None,
-                   help=f"envs to study (default: both with --quick — the web row is chain G4 vs tree "
-                        f"M2N2L1 — and {QA_ENV} only for the full study)")
-    p.add_argument("--rl-split", default="train",
-                   help="split the RL prompts come from (default train, the questions the SFT warm start "
-                        "was trained on; 'dev' gives RL questions the warm start never saw)")
+                   help=f"envs to study (default: both with --quick/--pilot/--study — the web env runs the "
+                        f"matched-budget pair — and {QA_ENV} only for the full study)")
+    p.add_argument("--rl-split", default=RL_POOL,
+                   help=f"the pool RL prompts come from (default {RL_POOL}: questions the warm start never "
+                        f"trained on; its own pool and the test pool are refused)")
+    p.add_argument("--curve-every", type=int, default=None,
+                   help="learning curve: score --curve-n test questions every this many steps "
+                        "(default steps/4; 0 = none)")
+    p.add_argument("--curve-n", type=int, default=None, help="test questions per curve point (default 100 quick / 200)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel, each in its own process with --threads/--jobs torch threads "
+                        "(default --threads: one thread per run, as the tiny model uses a second thread poorly)")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="refuse, before training, a run whose estimated wall time exceeds this (0 = no limit)")
+    p.add_argument("--study-minutes", type=float, default=60.0,
+                   help="--pilot: the wall minutes the designed study may take on --jobs workers (default 60: "
+                        "120 core-minutes on 2 cores)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default=None,
                    help="write benchmarks/results/NAME.{json,md,png} with the exact command, commit, "
-                        "machine and warm-start sha256 (default: bench_quick with --quick, else bench_full)")
+                        "machine and warm-start sha256 (default: bench_quick / bench_pilot / bench_study / bench_full)")
     p.add_argument("--no-repo-results", "--no-repo-json", dest="no_repo_results", action="store_true",
                    help="do not write benchmarks/results/NAME.*")
     argv = list(argv) if argv is not None else sys.argv[1:]
     a = p.parse_args(argv)
-    name = a.name or ("bench_quick" if a.quick else "bench_full")
+    name = a.name or ("bench_quick" if a.quick else "bench_pilot" if a.pilot else "bench_study" if a.study
+                      else "bench_full")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         p.error(f"--name {name!r}: use letters, digits, '_', '-' and '.' only (it names files in {REPO_RESULTS})")
+    if (a.jobs is not None and a.jobs < 1) or a.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
     commit, dirty = _git_commit(), _git_dirty()  # of the code that runs, read before it does
+    a.jobs = workers = a.jobs or a.threads
+    threads = max(1, a.threads // workers)
     torch.set_num_threads(max(1, a.threads))
-    seeds = a.seeds or (1 if a.quick else 3)
-    steps = a.steps or (12 if a.quick else 30)
-    prompts = a.prompts or 8
-    test_n = a.test_n or (400 if a.quick else 800)
-    quick_envs = [QA_ENV, WEB_ENV] if (WARMSTART_WEB_DIR / "sft_meta.json").is_file() or a.from_scratch \
-        else [QA_ENV]  # without a committed web warm start, `--quick` would first spend an hour on SFT
-    envs = list(dict.fromkeys(a.env or (quick_envs if a.quick else [QA_ENV])))
+    have_web = (WARMSTART_WEB_DIR / "sft_meta.json").is_file() or a.from_scratch
+    # without a committed web warm start, --quick would first spend an hour on SFT
+    envs = list(dict.fromkeys(a.env or ([QA_ENV, WEB_ENV] if (a.quick or a.pilot or a.study) and have_web
+                                        else [QA_ENV])))
     extra = list(ABLATION_ARMS) if a.ablations else []
-    arms = {QA_ENV: list(QUICK_ARMS if a.quick else FULL_ARMS) + extra,
-            WEB_ENV: list(WEB_QUICK_ARMS if a.quick else FULL_ARMS) + extra}
+    if a.study:
+        arms = {e: list(STUDY_ARMS[e]) for e in envs}
+    elif a.pilot:
+        arms = {e: list(PILOT_ARMS) for e in envs}
+    else:
+        arms = {QA_ENV: list(QUICK_ARMS if a.quick else FULL_ARMS) + extra,
+                WEB_ENV: list(WEB_QUICK_ARMS if a.quick else FULL_ARMS) + extra}
     if a.arms:
         select_arms([arm for env_id in envs for arm in arms[env_id]], a.arms)  # every name must match somewhere
         arms = {env_id: select_arms(env_arms, a.arms, check=False) for env_id, env_arms in arms.items()}
+
+    # -- the plan: every run, known before anything trains ----------------------------------
+    def knob(given: int | None, default: int) -> int:
+        return given if given is not None else default
+
+    pilot_files = a.design or [PILOT_FILE]
+    costs = run_costs(pilot_files)
+    if a.study:
+        design = read_pilots(pilot_files)[0]
+        missing = [e for e in envs if e not in design]
+        if missing:
+            raise SystemExit(f"treegym bench --study: no pilot design for {', '.join(missing)} in "
+                             f"{', '.join(map(str, pilot_files))}; run `treegym bench --pilot --env {' '.join(missing)}` "
+                             f"first (or name its result file with --design)")
+        plan = {e: {k: design[e][k] for k in ("seeds", "steps", "prompts", "test_n", "curve_n")} for e in envs}
+        for e in envs:
+            plan[e].update({k: v for k, v in (("seeds", a.seeds), ("steps", a.steps), ("prompts", a.prompts),
+                                               ("test_n", a.test_n), ("curve_n", a.curve_n)) if v is not None})
+    else:
+        plan = {e: {"seeds": knob(a.seeds, 1 if a.quick else PILOT_SEEDS), "steps": knob(a.steps, 12 if a.quick else 30),
+                    "prompts": knob(a.prompts, 8), "curve_n": knob(a.curve_n, 100 if a.quick else 200),
+                    "test_n": knob(a.test_n, 400 if a.quick else PILOT_TEST_N[e] if a.pilot else 800)} for e in envs}
+    for e in envs:
+        every = a.curve_every if a.curve_every is not None else (0 if a.pilot else max(1, plan[e]["steps"] // 4))
+        plan[e]["curve_every"] = every
+        plan[e]["curve_n"] = min(plan[e]["curve_n"], plan[e]["test_n"])
+    settings = PILOT_SETTINGS if a.pilot and a.steps is None and a.prompts is None \
+        else [(plan[envs[0]]["prompts"], plan[envs[0]]["steps"])]
+
+    def jobs_for(env_list: Sequence[str], setting: tuple[int, int] | None = None) -> list[Job]:
+        out = []
+        for e in env_list:
+            pe = plan[e]
+            prompts, steps = setting or (pe["prompts"], pe["steps"])
+            out += [Job(e, arm, seed, steps, prompts, pe["test_n"], pe["curve_every"], pe["curve_n"])
+                    for seed in range(pe["seeds"]) for arm in arms[e]]
+        return sorted(out, key=lambda j: j.seed)  # seed-major: partial results cover every arm
+
+    if a.pilot:  # QA tries every setting; the other envs run the one QA chooses (estimated as the dearest)
+        first = [envs[0]]
+        all_jobs = [j for s in settings for j in jobs_for(first, s)] + jobs_for(envs[1:], settings[0])
+    else:
+        all_jobs = jobs_for(envs)
+    sft_evals = {} if a.pilot else {e: plan[e]["test_n"] for e in envs}
+    est = estimate_minutes(all_jobs, sft_evals, costs, workers)
+    for s in settings:
+        check_pools(a.rl_split, {e: (a.warmstart if a.warmstart and e == QA_ENV else
+                                     None if a.from_scratch else WARMSTARTS[e]) for e in envs},
+                    steps=s[1], prompts=s[0])
+    if a.max_minutes and est > a.max_minutes:
+        raise SystemExit(f"treegym bench: this design is estimated at {est:.0f} wall minutes ({len(all_jobs)} runs on "
+                         f"{workers} worker(s), costs from {', '.join(str(f) for f in pilot_files if Path(f).is_file()) or 'FALLBACK_COSTS'}), "
+                         f"over --max-minutes {a.max_minutes:g}: use fewer --seeds, --steps, --prompts or --test-n, "
+                         f"more --jobs, or raise --max-minutes")
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -463,6 +877,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[bench {time.perf_counter() - t_start:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
+    log(f"{len(all_jobs)} runs on {workers} worker(s) x {threads} thread(s), estimated {est:.0f} min")
     sft_kwargs = dict(lm_steps=2400, act_steps=600, batch=8, lr=2e-3, eval_every=300, eval_n=50, seed=0)
     starts: dict[str, Path] = {}
     rows: list[dict] = []
@@ -472,43 +887,142 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         else:
             starts[env_id] = warm_start(out, from_scratch=a.from_scratch, log=log, sft_kwargs=sft_kwargs,
                                         env_id=env_id, qa_start=starts.get(QA_ENV) or a.warmstart)
+        if a.pilot:
+            continue
         t0 = time.perf_counter()
-        m = test_metrics(HFPolicy(starts[env_id]), env_id, test_n, a.max_new_tokens or MAX_NEW_TOKENS[env_id])
+        m = test_metrics(HFPolicy(starts[env_id]), env_id, plan[env_id]["test_n"],
+                         a.max_new_tokens or MAX_NEW_TOKENS[env_id])
         rows.append({"env": env_id, "method": "sft", "config": "warmstart", "budget": 0.0, "seed": 0,
                      **_test_fields(m), "tokens_per_prompt": 0.0, "tool_calls_per_prompt": 0.0,
-                     "rollout_s": 0.0, "update_s": 0.0, "wall_s": time.perf_counter() - t0})
+                     "rollout_s": 0.0, "update_s": 0.0, "wall_s": 0.0, "eval_s": time.perf_counter() - t0,
+                     "curve_s": 0.0, "threads": a.threads})
         log(f"SFT start ({env_id}): test EM {m['greedy/em']:.3f}, F1 {m['greedy/f1']:.3f} "
             f"on {int(m['greedy/episodes'])} tasks")
     # which weights every row started from (results of different warm starts must not be mixed)
     start_sha = {k: hashlib.sha256((Path(v) / "model.safetensors").read_bytes()).hexdigest() for k, v in starts.items()}
-    for seed in range(seeds):
-        for env_id in envs:
-            for arm in arms[env_id]:
-                log(f"run {env_id} {arm.method} {arm.config} (budget {arm.budget:g}) seed {seed}: "
-                    f"{steps} steps × {prompts} prompts")
-                row = run_arm(arm, seed, starts[env_id], out, steps=steps, prompts=prompts, lr=a.lr,
-                              minibatch_prompts=a.minibatch_prompts, test_n=test_n, threads=a.threads,
-                              max_new_tokens=a.max_new_tokens or MAX_NEW_TOKENS[env_id], log=log,
-                              env_id=env_id, rl_split=a.rl_split)
-                log(f"  -> test EM {row['test_em']:.3f}, F1 {row['test_f1']:.3f}, "
-                    f"{row['tokens_per_prompt']:.0f} tokens/prompt, rollout {row['rollout_s']:.0f}s, "
-                    f"update {row['update_s']:.0f}s")
-                rows.append(row)
-                meta = {"argv": ["treegym", "bench", *argv], "command": shlex.join(["treegym", "bench", *argv]),
-                        "commit": commit, "dirty": dirty, "machine": _machine(), "quick": a.quick, "steps": steps,
-                        "prompts": prompts, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts,
-                        "test_n": test_n, "seeds": seeds, "envs": envs, "rl_split": a.rl_split,
-                        "warmstarts": {k: str(v) for k, v in starts.items()},
-                        "warmstart_sha256": start_sha,
-                        "wall_s": time.perf_counter() - t_start}
-                md, js, png = write_results(out, rows, meta)  # after every run: partial results survive
+    pools = {e: warmstart_pools(starts[e]) for e in envs}
+    opts = {"threads": threads, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts, "rl_split": a.rl_split,
+            "max_new_tokens": {e: a.max_new_tokens or MAX_NEW_TOKENS[e] for e in envs}, "progress": True}
+
+    def meta_now(done_rows: list[dict], **extra: Any) -> dict:
+        cpu = sum((r["wall_s"] + r["eval_s"] + r.get("curve_s", 0.0)) * r.get("threads", threads) for r in done_rows)
+        first = plan[envs[0]]
+        return _meta(argv, a, commit, dirty, steps=first["steps"], prompts=first["prompts"], test_n=first["test_n"],
+                     seeds=first["seeds"], plan=plan, envs=envs, warmstarts={k: str(v) for k, v in starts.items()},
+                     warmstart_sha256=start_sha, warmstart_pools=pools, estimated_minutes=est,
+                     wall_s=time.perf_counter() - t_start, cpu_minutes=cpu / 60, **extra)
+
+    if a.pilot:
+        return _pilot(a, argv, envs, settings, plan, starts, out, opts, workers, log, meta_now, name)
+
+    def on_row(done: list[dict]) -> None:  # after every run: partial results survive
+        write_results(out, rows + done, meta_now(rows + done))
+
+    rows += run_jobs(all_jobs, starts, out, opts, workers=workers, log=log, on_row=on_row)
+    meta = meta_now(rows)
+    md, js, png = write_results(out, rows, meta)
     if not a.no_repo_results and REPO_RESULTS.parent.is_dir():
         REPO_RESULTS.mkdir(exist_ok=True)
         published = write_results(REPO_RESULTS, rows, meta, stem=name)
         log("wrote " + ", ".join(str(f) for f in published))
     print(md.read_text())
-    print(f"plot: {png.resolve()}\nresults: {js.resolve()}")
+    curves_png = png.parent / f"{js.stem}_curves.png"
+    print(f"plot: {png.resolve()}" + (f"\nlearning curves: {curves_png.resolve()}" if curves_png.is_file() else "")
+          + f"\nresults: {js.resolve()}")
     return 0
 
 
-__all__ = ["Arm", "QUICK_ARMS", "WEB_QUICK_ARMS", "WARMSTART_WEB_DIR", "warm_start", "test_metrics", "FULL_ARMS", "ABLATION_ARMS", "select_arms", "run_arm", "write_results", "cli_main"]
+def _pilot(a: argparse.Namespace, argv: list[str], envs: list[str], settings: Sequence[tuple[int, int]],
+           plan: dict, starts: dict, out: Path, opts: dict, workers: int, log: Any, meta_now: Any,
+           name: str) -> int:
+    """`--pilot`: the matched-budget pair at each setting on the first env, the chosen setting on
+    the others; then costs, variance components and the study design (`pilot_design`)."""
+    budget = a.study_minutes * workers  # core-minutes for the study
+    rows: list[dict] = []
+
+    def jobs(env_id: str, setting: tuple[int, int]) -> list[Job]:
+        pe = plan[env_id]
+        return [Job(env_id, arm, seed, setting[1], setting[0], pe["test_n"], 0, 0)
+                for seed in range(pe["seeds"]) for arm in PILOT_ARMS]
+
+    first = envs[0]
+    rows += run_jobs([j for s in settings for j in jobs(first, s)], starts, out, opts, workers=workers, log=log)
+    costs = _costs_from(rows)
+    curve_n = a.curve_n or 200
+    by_setting = {s: pilot_design(rows, [first], s, costs, core_minutes=budget / len(envs), curve_n=curve_n)[first]
+                  for s in settings}
+    chosen = min(settings, key=lambda s: (not by_setting[s]["feasible"], by_setting[s]["expected_half_width"],
+                                          by_setting[s]["core_minutes"]))
+    log(f"setting: {chosen[0]} prompts x {chosen[1]} steps")
+    if envs[1:]:
+        rows += run_jobs([j for e in envs[1:] for j in jobs(e, chosen)], starts, out, opts, workers=workers, log=log)
+        costs = _costs_from(rows)
+    design = pilot_design(rows, envs, chosen, costs, core_minutes=budget, curve_n=curve_n)
+    study_cmd = shlex.join(["treegym", "bench", "--study", "--env", *envs, "--design",
+                            f"benchmarks/results/{name}.json", "--jobs", str(workers), "--threads",
+                            str(a.threads), "--max-minutes",
+                            f"{1.15 * sum(d['core_minutes'] for d in design.values()) / workers:.0f}"])
+    meta = meta_now(rows, pilot={"settings": [list(s) for s in settings], "chosen": list(chosen),
+                                 "by_setting": {f"{s[0]}x{s[1]}": by_setting[s] for s in settings},
+                                 "budget_core_minutes": budget, "target_half_width": TARGET_HALF_WIDTH},
+                    costs=costs, design=design, study_command=study_cmd)
+    lines = _pilot_lines(rows, meta, envs, settings, by_setting, chosen, design, costs, study_cmd)
+    md = out / f"{name}.md"
+    md.write_text("\n".join(lines))
+    js = out / f"{name}.json"
+    js.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    if not a.no_repo_results and REPO_RESULTS.parent.is_dir():
+        REPO_RESULTS.mkdir(exist_ok=True)
+        for f in (md, js):
+            (REPO_RESULTS / f.name).write_text(f.read_text())
+        log(f"wrote {REPO_RESULTS / md.name}, {REPO_RESULTS / js.name}")
+    print(md.read_text())
+    return 0
+
+
+def _pilot_lines(rows: list[dict], meta: dict, envs: list[str], settings: Sequence[tuple[int, int]],
+                 by_setting: dict, chosen: tuple[int, int], design: dict, costs: dict, study_cmd: str) -> list[str]:
+    dirty = " (uncommitted changes)" if meta.get("dirty") else ""
+    pts = 100 * 100  # squared points per squared unit
+    lines = ["# treegym bench --pilot", "",
+             f"`{meta['command']}` · commit `{meta['commit']}`{dirty} · {meta['machine']} · "
+             f"{meta['jobs']} worker(s) · {meta['cpu_minutes']:.1f} core-minutes, {meta['wall_s'] / 60:.1f} wall minutes", "",
+             f"Pairs: {PILOT_ARMS[1].method}:{PILOT_ARMS[1].config} − {PILOT_ARMS[0].method}:{PILOT_ARMS[0].config} "
+             f"(matched budget), {len({r['seed'] for r in rows})} seeds, RL prompts from `{meta['rl_split']}`, test questions from "
+             f"`{TEST_POOL}`. Variance components of the paired difference per question (squared EM/F1 points; "
+             "`treegym.train.stats.components`): seed = between-seed spread of the seed means, question = "
+             "question-to-question spread of the difference, resid = seed × question.", "",
+             "| env | prompts × steps | arm means (per seed) | paired diff | seed SD of diff | seed var | question var | resid var | chosen seeds × questions | expected ± |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for env_id in envs:
+        metric = HEADLINE[env_id].lower()
+        for s in (settings if env_id == envs[0] else [chosen]):
+            sel = [r for r in rows if r["env"] == env_id and (r["prompts"], r["steps"]) == s]
+            ya, yb = _pair_table(sel, env_id, PILOT_ARMS[1], PILOT_ARMS[0])
+            seed_means = lambda t: "/".join(f"{100 * statistics.fmean(x):.1f}" for x in t)  # noqa: E731
+            diff = stats.paired(ya, yb)
+            c = diff.components
+            d = design[env_id] if s == chosen else by_setting[s] if env_id == envs[0] else None
+            chosen_txt = (f"{d['seeds']} × {d['test_n']}" + ("" if d["feasible"] else " (target out of budget)")) if d else ""
+            lines.append(f"| {env_id} | {s[0]} × {s[1]}{' (chosen)' if s == chosen else ''} | "
+                         f"tree {seed_means(ya)}; G4 {seed_means(yb)} | {100 * diff.mean:+.2f} | "
+                         f"{100 * c.seed ** 0.5:.2f} | {pts * c.seed:.2f} | {pts * c.question:.1f} | {pts * c.resid:.1f} | "
+                         f"{chosen_txt} | {100 * d['expected_half_width']:.2f} |" if d else "|")
+    lines += ["", "Costs (core-seconds at 1 thread; an RL step costs train_s × (budget + "
+              f"{PROMPT_OVERHEAD}) per prompt, a greedy test question eval_s):", "",
+              "| env | train_s | eval_s |", "|---|---:|---:|"]
+    lines += [f"| {e} | {c['train_s']:.4f} | {c['eval_s']:.4f} |" for e, c in costs.items()]
+    lines += ["", f"## The design (target ±{100 * TARGET_HALF_WIDTH:.1f} point, budget "
+              f"{meta['pilot']['budget_core_minutes']:.0f} core-minutes for every arm of the three findings)", "",
+              "| env | arms | prompts × steps | seeds | test questions | curve every / questions | expected ± (95%) | core-minutes | target met |",
+              "|---|---|---|---:|---:|---|---:|---:|---|"]
+    for e in envs:
+        d = design[e]
+        lines.append(f"| {e} | {', '.join(f'{x.method}:{x.config}' for x in STUDY_ARMS[e])} | {d['prompts']} × {d['steps']} | "
+                     f"{d['seeds']} | {d['test_n']} | {d['curve_every']} / {d['curve_n']} | {100 * d['expected_half_width']:.2f} | "
+                     f"{d['core_minutes']:.0f} | {'yes' if d['feasible'] else 'no'} |")
+    lines += ["", f"Run it: `{study_cmd}` (`--design` reads this design and these costs).", ""]
+    return lines
+
+
+__all__ = ["Arm", "Job", "STUDY_ARMS", "PILOT_ARMS", "RL_POOL", "TEST_POOL", "check_pools", "warmstart_pools", "estimate_minutes", "run_jobs", "pilot_design", "QUICK_ARMS", "WEB_QUICK_ARMS", "WARMSTART_WEB_DIR", "warm_start", "test_metrics", "FULL_ARMS", "ABLATION_ARMS", "select_arms", "run_arm", "write_results", "cli_main"]

@@ -156,6 +156,14 @@ def selected_lm_loss(model: Any, ids: Any, att: Any, labels: Any) -> Any:
     return -logp.sum() / mask.sum().clamp_min(1)
 
 
+# The question pools of the synthetic world a warm start touches (issue 15): gradients come from
+# the oracle transcripts of TRAIN_POOL only; MONITOR_POOL gives the periodic greedy dev EM (no
+# gradient, and no checkpoint is chosen by it: a run stops at its planned or `max_minutes` step).
+# `treegym bench` reads them back from `sft_meta.json` to refuse RL prompts from a pool the warm
+# start trained on.
+TRAIN_POOL, MONITOR_POOL = "train", "dev"
+
+
 def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps: int = 2000,
             act_steps: int = 500, batch: int = 16, lr: float = 2e-3, act_lr: float | None = None,
             passages_frac: float = 0.2, max_tool_calls: int | None = None, eval_every: int = 250,
@@ -182,7 +190,7 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
         model_dir = out / "init"
         build_tiny_model(dataset.corpus_path, model_dir,
                          entity_names=corpus_titles(dataset.corpus_path),
-                         prompts=[make_prompt(t.question) for t in dataset.tasks("train")],
+                         prompts=[make_prompt(t.question) for t in dataset.tasks(TRAIN_POOL)],
                          n_layer=n_layer, d_model=d_model, n_head=n_head, seed=seed,
                          max_position_embeddings=1024)
         log(f"built tiny model in {model_dir}")
@@ -194,11 +202,11 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
     policy = HFPolicy(model_dir)
     model = policy.model
     tok = policy.tokenizer
-    env = make_env(dataset, "train", env_id, max_tool_calls=max_tool_calls)
-    dev_env = make_env(dataset, "dev", env_id, max_tool_calls=max_tool_calls)
+    env = make_env(dataset, TRAIN_POOL, env_id, max_tool_calls=max_tool_calls)
+    dev_env = make_env(dataset, MONITOR_POOL, env_id, max_tool_calls=max_tool_calls)
     dev_tasks = select_tasks(dev_env, eval_n, seed=seed)
     t0 = time.perf_counter()
-    transcripts = oracle_transcripts(env, dataset.tasks("train"), policy, oracle_plan(env, dataset))
+    transcripts = oracle_transcripts(env, dataset.tasks(TRAIN_POOL), policy, oracle_plan(env, dataset))
     passages = [(p, [0] * len(p)) for p in passage_texts(dataset, policy, seed=seed)]
     lens = [len(t[0]) for t in transcripts]
     log(f"{len(transcripts)} oracle transcripts (mean {sum(lens) / len(lens):.0f} tokens, "
@@ -206,7 +214,8 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
     params = sum(p.numel() for p in model.parameters())
     meta: dict[str, Any] = {"command": command, "env": env_id, "params": params, "seed": seed, "batch": batch,
                             "lr": lr, "lm_steps_planned": lm_steps, "act_steps_planned": act_steps,
-                            "mean_transcript_tokens": sum(lens) / len(lens), "evals": []}
+                            "mean_transcript_tokens": sum(lens) / len(lens), "evals": [],
+                            "pools": {"trained_on": [TRAIN_POOL], "monitored_on": [MONITOR_POOL]}}
     rng = random.Random(seed)
     pad = policy.pad_id
     deadline = t_start + max_minutes * 60 if max_minutes > 0 else float("inf")

@@ -32,6 +32,7 @@ the coverage test in tests/test_stats.py checks against simulated studies with a
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -199,6 +200,53 @@ def expected_half_width(c: Components, seeds: int, questions: int, level: float 
     return float(_st.t.ppf(0.5 + level / 2, seeds - 1)) * math.sqrt(var)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One independently designed part of a study (an env): its pilot components, its arms and
+    what an arm-seed costs, in the same minutes as the study's budget."""
+
+    components: Components
+    train_minutes_per_seed_arm: float
+    eval_minutes_per_question_arm: float
+    arms: int
+    max_questions: int = 4000
+
+
+def _candidates(part: Part, max_seeds: int, level: float) -> list[Design]:
+    qs = sorted({q for q in (50, 100, 200, 400, 800, 1200, 1600, 2400, 3200) if q <= part.max_questions}
+                | {part.max_questions})
+    return [Design(S, Q, expected_half_width(part.components, S, Q, level),
+                   part.arms * S * (part.train_minutes_per_seed_arm + Q * part.eval_minutes_per_question_arm), False)
+            for S in range(2, max_seeds + 1) for Q in qs]
+
+
+def choose_designs(parts: Sequence[Part], *, target_half_width: float, max_minutes: float,
+                   max_seeds: int = 10, level: float = 0.95) -> list[Design]:
+    """One (seeds, questions) per part, sharing `max_minutes`: the cheapest combination whose
+    every expected paired half-width reaches the target; else, within the budget, the one whose
+    widest interval is narrowest (each Design then has feasible=False). Exhaustive over the
+    candidates (a few dozen per part; a study has one part per env)."""
+    if not parts:
+        raise ValueError("choose_designs needs at least one part")
+    best, fallback = None, None
+    for combo in itertools.product(*(_candidates(p, max_seeds, level) for p in parts)):
+        minutes = sum(d.minutes for d in combo)
+        if minutes > max_minutes:
+            continue
+        widest = max(d.half_width for d in combo)
+        if widest <= target_half_width and (best is None or minutes < best[0]):
+            best = (minutes, combo)
+        if fallback is None or (widest, minutes) < fallback[0]:
+            fallback = ((widest, minutes), combo)
+    if best is not None:
+        return [Design(d.seeds, d.questions, d.half_width, d.minutes, True) for d in best[1]]
+    if fallback is not None:
+        return list(fallback[1])
+    cheapest = sum(min(d.minutes for d in _candidates(p, max_seeds, level)) for p in parts)
+    raise ValueError(f"no design fits {max_minutes:g} minutes: the cheapest (2 seeds, fewest questions) "
+                     f"costs {cheapest:.0f} minutes")
+
+
 def choose_design(c: Components, *, target_half_width: float, train_minutes_per_seed_arm: float,
                   eval_minutes_per_question_arm: float, arms: int, max_minutes: float,
                   max_seeds: int = 10, max_questions: int = 4000, level: float = 0.95) -> Design:
@@ -206,22 +254,6 @@ def choose_design(c: Components, *, target_half_width: float, train_minutes_per_
     `max_minutes`; else the design with the narrowest interval that fits (feasible=False).
 
     Cost of one arm-seed: training minutes + questions x evaluation minutes per question."""
-    best: Design | None = None
-    fallback: Design | None = None
-    for S in range(2, max_seeds + 1):
-        for Q in sorted({50, 100, 200, 400, 800, 1200, 1600, 2400, 3200, max_questions}):
-            if Q > max_questions:
-                continue
-            minutes = arms * S * (train_minutes_per_seed_arm + Q * eval_minutes_per_question_arm)
-            hw = expected_half_width(c, S, Q, level)
-            d = Design(S, Q, hw, minutes, hw <= target_half_width and minutes <= max_minutes)
-            if d.feasible and (best is None or d.minutes < best.minutes):
-                best = d
-            if minutes <= max_minutes and (fallback is None or hw < fallback.half_width):
-                fallback = d
-    if best is not None:
-        return best
-    if fallback is not None:
-        return fallback
-    raise ValueError(f"no design fits {max_minutes} minutes: even 2 seeds x 50 questions x {arms} arms costs "
-                     f"{arms * 2 * (train_minutes_per_seed_arm + 50 * eval_minutes_per_question_arm):.0f} minutes")
+    part = Part(c, train_minutes_per_seed_arm, eval_minutes_per_question_arm, arms, max_questions)
+    return choose_designs([part], target_half_width=target_half_width, max_minutes=max_minutes,
+                          max_seeds=max_seeds, level=level)[0]

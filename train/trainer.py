@@ -61,7 +61,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -497,8 +497,12 @@ class Trainer:
             except ImportError:
                 self.cfg.tensorboard = False
 
-    def train(self) -> list[dict]:
-        """Run until `cfg.steps`; returns the metric records of this call."""
+    def train(self, on_step: Callable[["Trainer", dict], dict | None] | None = None) -> list[dict]:
+        """Run until `cfg.steps`; returns the metric records of this call.
+
+        `on_step(trainer, record)` runs after each step (after the periodic dev eval) and may
+        return extra fields for the record: how `treegym bench` takes its learning curves on a
+        fixed set of test questions without a second training loop."""
         from tqdm.auto import tqdm
 
         start = self.step
@@ -511,6 +515,8 @@ class Trainer:
                 rec = self.train_step()
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                     rec.update({"dev/" + k: v for k, v in self.evaluate().items()})
+                if on_step is not None:
+                    rec.update(on_step(self, rec) or {})
                 self._emit(rec)
                 records.append(rec)
                 bar.update(1)

@@ -250,7 +250,7 @@ def test_estimated_minutes_follow_the_cost_model():
     costs = {QA_ENV: {"train_s": 0.01, "eval_s": 0.02}}
     job = Job(QA_ENV, chain_arm(4), 0, steps=10, prompts=6, test_n=100, curve_every=5, curve_n=50)
     # 10 x 6 x (4 + 1.7) x 0.01 = 3.42 s of training; (100 + 1 curve point x 50) x 0.02 = 3 s of eval
-    assert job.curve_points == 1 and job.core_seconds(costs) == pytest.approx(6.42)
+    assert job.curve_points == 1 and job.cpu_seconds(costs) == pytest.approx(6.42)
     assert estimate_minutes([job, job], {QA_ENV: 60}, costs, workers=2) == pytest.approx((12.84 + 1.2) / 2 / 60)
 
 
@@ -275,10 +275,10 @@ def test_pilot_design_gives_more_seeds_to_a_noisier_difference():
         return out
 
     costs = {QA_ENV: {"train_s": 0.008, "eval_s": 0.013}}
-    quiet = pilot_design(rows_for([0.0, 0.0, 0.0]), [QA_ENV], (16, 20), costs, core_minutes=120, curve_n=200)[QA_ENV]
-    noisy = pilot_design(rows_for([-0.06, 0.0, 0.08]), [QA_ENV], (16, 20), costs, core_minutes=120, curve_n=200)[QA_ENV]
+    quiet = pilot_design(rows_for([0.0, 0.0, 0.0]), [QA_ENV], (16, 20), costs, cpu_minutes=120, curve_n=200)[QA_ENV]
+    noisy = pilot_design(rows_for([-0.06, 0.0, 0.08]), [QA_ENV], (16, 20), costs, cpu_minutes=120, curve_n=200)[QA_ENV]
     for d in (quiet, noisy):
-        assert d["core_minutes"] <= 120 and d["prompts"] == 16 and d["steps"] == 20 and d["seeds"] >= 2
+        assert d["cpu_minutes"] <= 120 and d["prompts"] == 16 and d["steps"] == 20 and d["seeds"] >= 2
         assert d["components"]["resid"] > 0
     assert noisy["components"]["seed"] > quiet["components"]["seed"]
     assert noisy["expected_half_width"] > quiet["expected_half_width"]
@@ -287,7 +287,7 @@ def test_pilot_design_gives_more_seeds_to_a_noisier_difference():
 def test_quick_path_end_to_end_in_parallel_with_curves(tmp_path, one_torch_thread):
     """`treegym bench --quick` (what `make run` runs) on a tiny plan, its runs in 2 worker
     processes: every arm's row, learning curves from the SFT point to the last step, the findings
-    table, pools and core-minutes in the metadata; and a worker's row equals the same run
+    table, pools and CPU-minutes in the metadata; and a worker's row equals the same run
     in-process (curve evaluations included: they do not disturb training)."""
     from treegym.train import bench
 

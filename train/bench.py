@@ -5,15 +5,31 @@ warm start of the tiny model on the synthetic world, train with the same number 
 prompts per step, and compare test EM against the rollout budget in "chains per prompt":
 chain GRPO at G = 2/4/8/16, Tree-GRPO M1N2L1 / M2N2L1 / M4N2L1 with E[B] = M·(1 + N·L/2).
 
-`--quick` (what `make run` runs): one seed, chain G4 and G16 against tree M2N2L1 (E[B] = 4): the
-tree at the chain's matched budget (G4) and at a quarter of G16. It starts from the committed warm
-start in `treegym/train/warmstart/` (rebuilt with `--from-scratch`).
+Three disjoint question pools (issue 15): the warm start trained on `train`, RL prompts come from
+`dev` (never in a warm start's gradient; a seeded permutation, so no prompt repeats within a run),
+every score from `test`. An overlap, RL on test questions or a run that would repeat prompts is
+refused before anything trains, as is a design whose estimated time exceeds `--max-minutes`.
+
+Modes:
+- `--quick` (what `make run` runs): one seed, chain G4 and G16 against tree M2N2L1 (E[B] = 4):
+  the tree at the chain's matched budget (G4) and at a quarter of G16, on both envs' warm starts.
+- `--pilot`: the matched-budget pair, 3 seeds, at two ways of spending the same RL prompts;
+  measures the variance components of the paired difference and each env's costs, and chooses the
+  study design (prompts per step, steps, seeds, test questions) for a ±1-point interval within a
+  budget (`stats.choose_designs`). Writes `benchmarks/results/bench_pilot*.{md,json}`.
+- `--study`: every arm of the three findings ((a) tree at ≤ ¼ and at the matched chain budget,
+  (b) agent-step vs token-level nodes, (c) inter+intra vs inter-only / intra-only advantages) with
+  a pilot's design (`--design`).
+- default: the budget sweep (FULL_ARMS), `--ablations` adds the ablation arms.
+
+Every report gives each arm's mean with a 95% interval over seeds × questions, a findings table
+(paired differences over the same questions and seeds, with verdicts), and learning curves
+(held-out score every few steps against cumulative generated tokens and update seconds).
 
 The web-agent rows (issue 5) run the same samplers and trainer on `TreeWebAgent-v0` (search, visit,
 click over the synthetic world rendered as a wiki), scored by token F1, the paper's web metric.
 They start from `treegym/train/warmstart_web/`: the QA warm start with the web tool tags added and
-fine-tuned on oracle browsing transcripts (`treegym sft --env TreeWebAgent-v0`). `--quick` adds a
-web chain G4 vs tree M2N2L1 pair; `--env` picks the envs of a full study.
+fine-tuned on oracle browsing transcripts (`treegym sft --env TreeWebAgent-v0`).
 
 Cost is reported as it is paid: generated tokens and tool calls per prompt (what the paper's
 budget measures) *and* the wall time of rollouts and of updates separately — for a tiny model on
@@ -221,7 +237,7 @@ def check_pools(rl_split: str, starts: dict[str, Path | None], *, steps: int, pr
     return pools
 
 
-# What a run costs, in core-seconds at 1 torch thread: an RL step costs `train_s` x (budget +
+# What a run costs, in CPU seconds (of its process) at 1 torch thread: an RL step costs `train_s` x (budget +
 # PROMPT_OVERHEAD) per prompt (the rollout and update of `budget` chains, plus the per-prompt work
 # that does not grow with them: prompt encoding, scoring, packing), a greedy test question
 # `eval_s`. PROMPT_OVERHEAD is from the quick run's chain G4 / G16 times (9.2 / 28.4 s for 96
@@ -268,7 +284,7 @@ class Job:
     def curve_points(self) -> int:
         return len(curve_steps(self.steps, self.curve_every))
 
-    def core_seconds(self, costs: dict[str, dict[str, float]]) -> float:
+    def cpu_seconds(self, costs: dict[str, dict[str, float]]) -> float:
         c = costs[self.env_id]
         train = self.steps * self.prompts * (self.arm.budget + PROMPT_OVERHEAD) * c["train_s"]
         return train + (self.test_n + self.curve_points * self.curve_n) * c["eval_s"]
@@ -281,9 +297,10 @@ def curve_steps(steps: int, every: int) -> list[int]:
 
 
 def estimate_minutes(jobs: Sequence[Job], sft_evals: dict[str, int], costs: dict, workers: int) -> float:
-    """Expected wall minutes of a study: its core-seconds spread over `workers` single-thread
-    processes (the runs are independent and of similar length)."""
-    total = sum(j.core_seconds(costs) for j in jobs) + sum(n * costs[e]["eval_s"] for e, n in sft_evals.items())
+    """Expected wall minutes of a study: its CPU seconds spread over `workers` single-thread
+    processes, each with a core to itself (the runs are independent and of similar length; a
+    machine shared with other work takes longer)."""
+    total = sum(j.cpu_seconds(costs) for j in jobs) + sum(n * costs[e]["eval_s"] for e, n in sft_evals.items())
     return total / max(1, workers) / 60
 
 
@@ -310,7 +327,7 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
     test_env = make_env("synthetic", TEST_POOL, env_id)
     tasks = select_tasks(test_env, test_n, seed=0)
     curve: list[dict] = []
-    spent = {"tokens": 0.0, "update_s": 0.0, "curve_s": 0.0}
+    spent = {"tokens": 0.0, "update_s": 0.0, "curve_s": 0.0, "curve_cpu_s": 0.0}
     at = set(curve_steps(steps, curve_every))
 
     def on_step(trainer: Trainer, rec: dict) -> dict:
@@ -318,20 +335,24 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
         spent["update_s"] += rec["update_s"]
         if trainer.step not in at:
             return {}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         m = test_metrics(trainer.policy, test_env, tasks[:curve_n], max_new_tokens)
         spent["curve_s"] += time.perf_counter() - t
+        spent["curve_cpu_s"] += time.process_time() - c
         curve.append({"step": trainer.step, "tokens": spent["tokens"], "update_s": spent["update_s"],
                       metric: m[f"greedy/{metric}"]})
         return {f"curve/{metric}": m[f"greedy/{metric}"]}
 
-    t0 = time.perf_counter()
+    # Wall seconds say what a run took here; CPU seconds (this process, all its threads) are what
+    # it costs, whatever else the machine was doing: the pilot's cost model uses those.
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer = Trainer(cfg, log=log)
     records = trainer.train(on_step=on_step)
     train_wall = time.perf_counter() - t0 - spent["curve_s"]
-    t1 = time.perf_counter()
+    train_cpu = time.process_time() - c0 - spent["curve_cpu_s"]
+    t1, c1 = time.perf_counter(), time.process_time()
     m = test_metrics(trainer.policy, test_env, tasks, max_new_tokens)
-    eval_s = time.perf_counter() - t1
+    eval_s, eval_cpu = time.perf_counter() - t1, time.process_time() - c1
     if curve_every:  # the final point: the same questions' scores in the final test run
         curve.append({"step": steps, "tokens": spent["tokens"], "update_s": spent["update_s"],
                       metric: float(statistics.fmean(m["scores"][metric][:curve_n]))})
@@ -348,6 +369,7 @@ def run_arm(arm: Arm, seed: int, model_dir: Path, out: Path, *, steps: int, prom
             "rollout_s": sum(r["rollout_s"] for r in records),
             "update_s": sum(r["update_s"] for r in records),
             "wall_s": train_wall, "eval_s": eval_s, "curve_s": spent["curve_s"], "threads": threads,
+            "train_cpu_s": train_cpu, "eval_cpu_s": eval_cpu, "curve_cpu_s": spent["curve_cpu_s"],
             "steps": steps, "prompts": prompts, "curve": curve, "curve_n": curve_n if curve_every else 0}
 
 
@@ -485,7 +507,7 @@ def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = No
              f"{meta['prompts']} prompts · lr {meta['lr']} · greedy on {meta['test_n']} test tasks · "
              f"seeds {meta['seeds']}" + (f" · RL prompts from `{meta['rl_split']}`, test from `{TEST_POOL}`"
                                          if meta.get("rl_split") else "")
-             + (f" · {meta['cpu_minutes']:.0f} core-minutes, {meta['wall_s'] / 60:.0f} wall minutes on "
+             + (f" · {meta['cpu_minutes']:.0f} CPU-minutes, {meta['wall_s'] / 60:.0f} wall minutes on "
                 f"{meta.get('jobs', 1)} worker(s)" if "cpu_minutes" in meta else ""), ""]
     envs = list(dict.fromkeys(a["env"] for a in agg))
     for env_id in envs:
@@ -620,13 +642,13 @@ def run_jobs(jobs: Sequence[Job], starts: dict[str, Path], out: Path, opts: dict
 
 
 def _costs_from(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per-env cost constants (core-seconds) measured on a pilot's rows: see `Job.core_seconds`."""
+    """Per-env cost constants (CPU seconds) measured on a pilot's rows: see `Job.cpu_seconds`."""
     out = {}
     for env_id in dict.fromkeys(r["env"] for r in rows):
         rs = [r for r in rows if r["env"] == env_id and r["method"] != "sft"]
         units = sum(r["steps"] * r["prompts"] * (r["budget"] + PROMPT_OVERHEAD) for r in rs)
-        out[env_id] = {"train_s": sum(r["wall_s"] * r["threads"] for r in rs) / units,
-                       "eval_s": sum(r["eval_s"] * r["threads"] for r in rs) / sum(r["test_n"] for r in rs)}
+        out[env_id] = {"train_s": sum(r["train_cpu_s"] for r in rs) / units,
+                       "eval_s": sum(r["eval_cpu_s"] for r in rs) / sum(r["test_n"] for r in rs)}
     return out
 
 
@@ -644,17 +666,17 @@ def _pair_table(rows: list[dict], env_id: str, a: Arm, b: Arm) -> tuple[list, li
 
 def _study_part(env_id: str, c: stats.Components, costs: dict, steps: int, prompts: int, curve_n: int,
                 test_pool: int) -> stats.Part:
-    """An env's share of the study for `stats.choose_designs`, in core-minutes."""
+    """An env's share of the study for `stats.choose_designs`, in CPU-minutes."""
     jobs = [Job(env_id, arm, 0, steps, prompts, 0, max(1, steps // 4), curve_n) for arm in STUDY_ARMS[env_id]]
-    train = statistics.fmean(j.core_seconds(costs) for j in jobs) / 60
+    train = statistics.fmean(j.cpu_seconds(costs) for j in jobs) / 60
     return stats.Part(c, train, costs[env_id]["eval_s"] / 60, len(jobs), test_pool)
 
 
 def pilot_design(rows: list[dict], envs: Sequence[str], setting: tuple[int, int], costs: dict, *,
-                 core_minutes: float, curve_n: int) -> dict:
+                 cpu_minutes: float, curve_n: int) -> dict:
     """The study design from a pilot's rows: each env's paired (tree - chain G4) variance
     components at `setting`, and the seeds and test questions per env that `stats.choose_designs`
-    picks for STUDY_ARMS within `core_minutes` (SFT rows' evals included)."""
+    picks for STUDY_ARMS within `cpu_minutes` (SFT rows' evals included)."""
     prompts, steps = setting
     parts, comps = [], {}
     for env_id in envs:
@@ -664,10 +686,10 @@ def pilot_design(rows: list[dict], envs: Sequence[str], setting: tuple[int, int]
         pool = len(make_env("synthetic", TEST_POOL, env_id).unwrapped.tasks)
         parts.append(_study_part(env_id, comps[env_id], costs, steps, prompts, curve_n, pool))
     sft = sum(len(make_env("synthetic", TEST_POOL, e).unwrapped.tasks) * costs[e]["eval_s"] for e in envs) / 60
-    designs = stats.choose_designs(parts, target_half_width=TARGET_HALF_WIDTH, max_minutes=core_minutes - sft)
+    designs = stats.choose_designs(parts, target_half_width=TARGET_HALF_WIDTH, max_minutes=cpu_minutes - sft)
     return {env_id: {"prompts": prompts, "steps": steps, "seeds": d.seeds, "test_n": d.questions,
                      "curve_every": max(1, steps // 4), "curve_n": min(curve_n, d.questions),
-                     "expected_half_width": d.half_width, "core_minutes": d.minutes, "feasible": d.feasible,
+                     "expected_half_width": d.half_width, "cpu_minutes": d.minutes, "feasible": d.feasible,
                      "components": comps[env_id].as_dict()}
             for env_id, d in zip(envs, designs)}
 
@@ -782,7 +804,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                    help="refuse, before training, a run whose estimated wall time exceeds this (0 = no limit)")
     p.add_argument("--study-minutes", type=float, default=60.0,
                    help="--pilot: the wall minutes the designed study may take on --jobs workers (default 60: "
-                        "120 core-minutes on 2 cores)")
+                        "120 CPU-minutes on 2 cores)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default=None,
                    help="write benchmarks/results/NAME.{json,md,png} with the exact command, commit, "
@@ -889,13 +911,14 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                                         env_id=env_id, qa_start=starts.get(QA_ENV) or a.warmstart)
         if a.pilot:
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = test_metrics(HFPolicy(starts[env_id]), env_id, plan[env_id]["test_n"],
                          a.max_new_tokens or MAX_NEW_TOKENS[env_id])
         rows.append({"env": env_id, "method": "sft", "config": "warmstart", "budget": 0.0, "seed": 0,
                      **_test_fields(m), "tokens_per_prompt": 0.0, "tool_calls_per_prompt": 0.0,
                      "rollout_s": 0.0, "update_s": 0.0, "wall_s": 0.0, "eval_s": time.perf_counter() - t0,
-                     "curve_s": 0.0, "threads": a.threads})
+                     "curve_s": 0.0, "threads": a.threads, "train_cpu_s": 0.0,
+                     "eval_cpu_s": time.process_time() - c0, "curve_cpu_s": 0.0})
         log(f"SFT start ({env_id}): test EM {m['greedy/em']:.3f}, F1 {m['greedy/f1']:.3f} "
             f"on {int(m['greedy/episodes'])} tasks")
     # which weights every row started from (results of different warm starts must not be mixed)
@@ -905,7 +928,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             "max_new_tokens": {e: a.max_new_tokens or MAX_NEW_TOKENS[e] for e in envs}, "progress": True}
 
     def meta_now(done_rows: list[dict], **extra: Any) -> dict:
-        cpu = sum((r["wall_s"] + r["eval_s"] + r.get("curve_s", 0.0)) * r.get("threads", threads) for r in done_rows)
+        cpu = sum(r["train_cpu_s"] + r["eval_cpu_s"] + r["curve_cpu_s"] for r in done_rows)
         first = plan[envs[0]]
         return _meta(argv, a, commit, dirty, steps=first["steps"], prompts=first["prompts"], test_n=first["test_n"],
                      seeds=first["seeds"], plan=plan, envs=envs, warmstarts={k: str(v) for k, v in starts.items()},
@@ -937,7 +960,7 @@ def _pilot(a: argparse.Namespace, argv: list[str], envs: list[str], settings: Se
            name: str) -> int:
     """`--pilot`: the matched-budget pair at each setting on the first env, the chosen setting on
     the others; then costs, variance components and the study design (`pilot_design`)."""
-    budget = a.study_minutes * workers  # core-minutes for the study
+    budget = a.study_minutes * workers  # CPU-minutes for the study
     rows: list[dict] = []
 
     def jobs(env_id: str, setting: tuple[int, int]) -> list[Job]:
@@ -949,22 +972,22 @@ def _pilot(a: argparse.Namespace, argv: list[str], envs: list[str], settings: Se
     rows += run_jobs([j for s in settings for j in jobs(first, s)], starts, out, opts, workers=workers, log=log)
     costs = _costs_from(rows)
     curve_n = a.curve_n or 200
-    by_setting = {s: pilot_design(rows, [first], s, costs, core_minutes=budget / len(envs), curve_n=curve_n)[first]
+    by_setting = {s: pilot_design(rows, [first], s, costs, cpu_minutes=budget / len(envs), curve_n=curve_n)[first]
                   for s in settings}
     chosen = min(settings, key=lambda s: (not by_setting[s]["feasible"], by_setting[s]["expected_half_width"],
-                                          by_setting[s]["core_minutes"]))
+                                          by_setting[s]["cpu_minutes"]))
     log(f"setting: {chosen[0]} prompts x {chosen[1]} steps")
     if envs[1:]:
         rows += run_jobs([j for e in envs[1:] for j in jobs(e, chosen)], starts, out, opts, workers=workers, log=log)
         costs = _costs_from(rows)
-    design = pilot_design(rows, envs, chosen, costs, core_minutes=budget, curve_n=curve_n)
+    design = pilot_design(rows, envs, chosen, costs, cpu_minutes=budget, curve_n=curve_n)
     study_cmd = shlex.join(["treegym", "bench", "--study", "--env", *envs, "--design",
                             f"benchmarks/results/{name}.json", "--jobs", str(workers), "--threads",
                             str(a.threads), "--max-minutes",
-                            f"{1.15 * sum(d['core_minutes'] for d in design.values()) / workers:.0f}"])
+                            f"{1.15 * sum(d['cpu_minutes'] for d in design.values()) / workers:.0f}"])
     meta = meta_now(rows, pilot={"settings": [list(s) for s in settings], "chosen": list(chosen),
                                  "by_setting": {f"{s[0]}x{s[1]}": by_setting[s] for s in settings},
-                                 "budget_core_minutes": budget, "target_half_width": TARGET_HALF_WIDTH},
+                                 "budget_cpu_minutes": budget, "target_half_width": TARGET_HALF_WIDTH},
                     costs=costs, design=design, study_command=study_cmd)
     lines = _pilot_lines(rows, meta, envs, settings, by_setting, chosen, design, costs, study_cmd)
     md = out / f"{name}.md"
@@ -986,13 +1009,13 @@ def _pilot_lines(rows: list[dict], meta: dict, envs: list[str], settings: Sequen
     pts = 100 * 100  # squared points per squared unit
     lines = ["# treegym bench --pilot", "",
              f"`{meta['command']}` · commit `{meta['commit']}`{dirty} · {meta['machine']} · "
-             f"{meta['jobs']} worker(s) · {meta['cpu_minutes']:.1f} core-minutes, {meta['wall_s'] / 60:.1f} wall minutes", "",
+             f"{meta['jobs']} worker(s) · {meta['cpu_minutes']:.1f} CPU-minutes, {meta['wall_s'] / 60:.1f} wall minutes", "",
              f"Pairs: {PILOT_ARMS[1].method}:{PILOT_ARMS[1].config} − {PILOT_ARMS[0].method}:{PILOT_ARMS[0].config} "
              f"(matched budget), {len({r['seed'] for r in rows})} seeds, RL prompts from `{meta['rl_split']}`, test questions from "
              f"`{TEST_POOL}`. Variance components of the paired difference per question (squared EM/F1 points; "
              "`treegym.train.stats.components`): seed = between-seed spread of the seed means, question = "
              "question-to-question spread of the difference, resid = seed × question.", "",
-             "| env | prompts × steps | arm means (per seed) | paired diff | seed SD of diff | seed var | question var | resid var | chosen seeds × questions | expected ± |",
+             "| env | prompts × steps | arm means (per seed) | paired diff | seed SD of diff | seed var | question var | resid var | design at this setting (seeds × questions) | expected ± |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for env_id in envs:
         metric = HEADLINE[env_id].lower()
@@ -1008,19 +1031,19 @@ def _pilot_lines(rows: list[dict], meta: dict, envs: list[str], settings: Sequen
                          f"tree {seed_means(ya)}; G4 {seed_means(yb)} | {100 * diff.mean:+.2f} | "
                          f"{100 * c.seed ** 0.5:.2f} | {pts * c.seed:.2f} | {pts * c.question:.1f} | {pts * c.resid:.1f} | "
                          f"{chosen_txt} | {100 * d['expected_half_width']:.2f} |" if d else "|")
-    lines += ["", "Costs (core-seconds at 1 thread; an RL step costs train_s × (budget + "
+    lines += ["", "Costs (CPU seconds of the run's process at 1 thread; an RL step costs train_s × (budget + "
               f"{PROMPT_OVERHEAD}) per prompt, a greedy test question eval_s):", "",
               "| env | train_s | eval_s |", "|---|---:|---:|"]
     lines += [f"| {e} | {c['train_s']:.4f} | {c['eval_s']:.4f} |" for e, c in costs.items()]
     lines += ["", f"## The design (target ±{100 * TARGET_HALF_WIDTH:.1f} point, budget "
-              f"{meta['pilot']['budget_core_minutes']:.0f} core-minutes for every arm of the three findings)", "",
-              "| env | arms | prompts × steps | seeds | test questions | curve every / questions | expected ± (95%) | core-minutes | target met |",
+              f"{meta['pilot']['budget_cpu_minutes']:.0f} CPU-minutes for every arm of the three findings)", "",
+              "| env | arms | prompts × steps | seeds | test questions | curve every / questions | expected ± (95%) | CPU-minutes | target met |",
               "|---|---|---|---:|---:|---|---:|---:|---|"]
     for e in envs:
         d = design[e]
         lines.append(f"| {e} | {', '.join(f'{x.method}:{x.config}' for x in STUDY_ARMS[e])} | {d['prompts']} × {d['steps']} | "
                      f"{d['seeds']} | {d['test_n']} | {d['curve_every']} / {d['curve_n']} | {100 * d['expected_half_width']:.2f} | "
-                     f"{d['core_minutes']:.0f} | {'yes' if d['feasible'] else 'no'} |")
+                     f"{d['cpu_minutes']:.0f} | {'yes' if d['feasible'] else 'no'} |")
     lines += ["", f"Run it: `{study_cmd}` (`--design` reads this design and these costs).", ""]
     return lines
 

@@ -172,6 +172,28 @@ def test_eval_matches_env_rewards(small_world):
 
 
 
+def test_eval_reports_cut_actions_budget_and_context(small_world):
+    """`summarize` says why episodes failed: actions cut by max_new_tokens, the tool budget run
+    out, the context full. The oracle hits none of them; the same oracle with a 2-token budget has
+    every action cut, so every turn is invalid until the forced-answer turn truncates it."""
+    from treegym.agents.scripted import OraclePolicy
+    from treegym.train.evaluate import run_episodes, summarize
+
+    env = gym.make("TreeSearchQA-v0", data=small_world, split="test", reward="em")
+    tasks = list(env.unwrapped.tasks)[:6]
+    oracle = OraclePolicy(small_world, max_searches=3)
+    ok = summarize(run_episodes(oracle, env, tasks, max_new_tokens=400))
+    assert ok["em"] == ok["answered"] == 1.0
+    assert ok["cut_actions"] == ok["out_of_budget"] == ok["context_exhausted"] == 0.0
+    kinds = {k.split("/", 1)[1] for k in ok if k.startswith("em/")}
+    assert kinds and all(ok[f"f1/{k}"] == ok[f"em/{k}"] == 1.0 for k in kinds)
+
+    cut = summarize(run_episodes(oracle, env, tasks, max_new_tokens=2))
+    assert cut["answered"] == cut["em"] == 0.0
+    assert cut["out_of_budget"] == 1.0 and cut["context_exhausted"] == 0.0
+    assert cut["cut_actions"] == cut["turns"] == cut["invalid_actions"] == 4.0  # 3 calls + forced turn
+
+
 # -- TreeWebAgent-v0 through the same SFT, trainer and eval (issue 5's `--env`) -------------------
 
 WEB = "TreeWebAgent-v0"

@@ -52,7 +52,13 @@ def run_episodes(policy: Any, env: Any, tasks: Sequence[Any], *, samples: int = 
 
 
 def summarize(episodes: Sequence[Episode], prefix: str = "") -> dict[str, float]:
-    """Means over episodes, per-kind EM, and pass@k (any correct sample of a task) when k > 1."""
+    """Means over episodes, per-kind EM and F1, and pass@k (any correct sample of a task) when k > 1.
+
+    Besides the scores, what went wrong: ``invalid_actions`` (per episode), ``cut_actions`` (actions
+    per episode that hit ``max_new_tokens`` before a stop string: a budget that cuts real actions
+    shows here), ``out_of_budget`` (share of episodes the env truncated at the forced-answer turn:
+    the tool-call budget ran out), ``context_exhausted`` (share the engine ended because the
+    model's context was full) and ``answered`` (share that executed an answer)."""
     if not episodes:
         return {}
     n = len(episodes)
@@ -61,11 +67,16 @@ def summarize(episodes: Sequence[Episode], prefix: str = "") -> dict[str, float]
         m[prefix + key] = sum(float(getattr(e, key)) for e in episodes) / n
     m[prefix + "turns"] = sum(len(e.turns) for e in episodes) / n
     m[prefix + "answered"] = sum(e.answer is not None for e in episodes) / n
-    by_kind: dict[str, list[float]] = defaultdict(list)
+    m[prefix + "out_of_budget"] = sum(bool(e.turns and e.turns[-1].truncated) for e in episodes) / n
+    m[prefix + "context_exhausted"] = sum(bool(e.turns and e.turns[-1].info.get("context_exhausted"))
+                                          for e in episodes) / n
+    m[prefix + "cut_actions"] = sum(r == "length" for e in episodes for r in e.finish_reasons) / n
+    by_kind: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for e in episodes:
-        by_kind[e.kind].append(e.em)
+        by_kind[e.kind].append((e.em, e.f1))
     for kind, v in sorted(by_kind.items()):
-        m[f"{prefix}em/{kind}"] = sum(v) / len(v)
+        m[f"{prefix}em/{kind}"] = sum(x[0] for x in v) / len(v)
+        m[f"{prefix}f1/{kind}"] = sum(x[1] for x in v) / len(v)
     by_task: dict[str, list[float]] = defaultdict(list)
     for e in episodes:
         by_task[e.task_id].append(e.em)

@@ -68,6 +68,12 @@ WARMSTART_WEB_DIR = WARMSTART_DIR.parent / "warmstart_web"
 WARMSTARTS = {QA_ENV: WARMSTART_DIR, WEB_ENV: WARMSTART_WEB_DIR}
 # Per-env generation budget: a web action carries a URL (~20 tokens with the tiny tokenizer).
 MAX_NEW_TOKENS = {QA_ENV: 24, WEB_ENV: 32}
+# Per-env RL learning rate. QA: 1e-4 (see `--lr`). Web: 2e-5, because at 1e-4 the web policy drifts
+# from its start 5-15x faster than the QA one (KL 0.19-0.29 vs 0.04 after 12 steps; its start's
+# per-token entropy is 0.9 vs 0.45) and loses comparison questions it held only barely: chain G4
+# fell to 38.8 F1 (3 seeds) from the start's 43.2, while 2e-5 keeps 43.0 (KL 0.01-0.02);
+# benchmarks/results/web_rl_drop.md and benchmarks/web_rl_drop.py.
+LR = {QA_ENV: 1e-4, WEB_ENV: 2e-5}
 HEADLINE = {QA_ENV: "EM", WEB_ENV: "F1"}  # the paper's metric per setting (summary keys em_* / f1_*)
 REPO_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -494,6 +500,12 @@ def _agg(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _lr_text(lr: Any) -> str:
+    if isinstance(lr, dict):
+        return ", ".join(f"{v:g} ({'QA' if e == QA_ENV else 'web'})" for e, v in lr.items())
+    return f"{lr:g}"
+
+
 def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = None
                   ) -> tuple[Path, Path, Path]:
     """The table (md), every row with the run's metadata (json) and the budget plot (png), as
@@ -504,7 +516,7 @@ def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = No
     dirty = " (uncommitted changes)" if meta.get("dirty") else ""
     lines = [f"# treegym bench{' --quick' if meta.get('quick') else ''}", "",
              f"{command}commit `{meta['commit']}`{dirty} · {meta['machine']} · {meta['steps']} RL steps × "
-             f"{meta['prompts']} prompts · lr {meta['lr']} · greedy on {meta['test_n']} test tasks · "
+             f"{meta['prompts']} prompts · lr {_lr_text(meta['lr'])} · greedy on {meta['test_n']} test tasks · "
              f"seeds {meta['seeds']}" + (f" · RL prompts from `{meta['rl_split']}`, test from `{TEST_POOL}`"
                                          if meta.get("rl_split") else "")
              + (f" · {meta['cpu_minutes']:.0f} CPU-minutes, {meta['wall_s'] / 60:.0f} wall minutes on "
@@ -601,7 +613,7 @@ def _run_job(job: Job, start: str, out: str, opts: dict) -> dict:
     """One run, in a worker process when the study runs in parallel (top level: picklable)."""
     torch.set_num_threads(opts["threads"])
     return run_arm(job.arm, job.seed, Path(start), Path(out), steps=job.steps, prompts=job.prompts,
-                   lr=opts["lr"], minibatch_prompts=opts["minibatch_prompts"], test_n=job.test_n,
+                   lr=opts["lr"][job.env_id], minibatch_prompts=opts["minibatch_prompts"], test_n=job.test_n,
                    threads=opts["threads"], max_new_tokens=opts["max_new_tokens"][job.env_id],
                    log=opts.get("log") or _worker_log(job), env_id=job.env_id, rl_split=opts["rl_split"],
                    curve_every=job.curve_every, curve_n=job.curve_n, progress=opts["progress"])
@@ -696,7 +708,7 @@ def pilot_design(rows: list[dict], envs: Sequence[str], setting: tuple[int, int]
 
 def _meta(argv: list[str], a: argparse.Namespace, commit: str, dirty: bool | None, **extra: Any) -> dict:
     return {"argv": ["treegym", "bench", *argv], "command": shlex.join(["treegym", "bench", *argv]),
-            "commit": commit, "dirty": dirty, "machine": _machine(), "quick": a.quick, "lr": a.lr,
+            "commit": commit, "dirty": dirty, "machine": _machine(), "quick": a.quick, "lr": {e: a.lr or LR[e] for e in LR},
             "minibatch_prompts": a.minibatch_prompts, "rl_split": a.rl_split, "test_pool": TEST_POOL,
             "jobs": a.jobs, **extra}
 
@@ -780,9 +792,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     # ../shared/REFERENCE.md) and every arm fell *below* the SFT start (38.5% -> 15-24% test EM)
     # while KL to the start model rose from 0.0002 to 0.15-0.26 in 8 steps: the steps were too
     # large for 4-prompt gradients. 1e-4 and 2e-5 both kept or improved the start (all arms alike;
-    # benchmarks/results/NOTES.md), so 1e-4 is the default. 2 prompts per minibatch; KL and
+    # benchmarks/results/NOTES.md), so 1e-4 is the QA default (LR; the web env's is 2e-5). 2 prompts per minibatch; KL and
     # entropy coefficients 0.001 as in Tree-GRPO.
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=None, help="RL learning rate for every env (default: LR, "
+                   "1e-4 QA and 2e-5 web)")
     p.add_argument("--minibatch-prompts", type=int, default=2)
     p.add_argument("--test-n", type=int, default=None, help="test tasks for EM (default 400 quick / 800 / the pilot's)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -924,7 +937,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     # which weights every row started from (results of different warm starts must not be mixed)
     start_sha = {k: hashlib.sha256((Path(v) / "model.safetensors").read_bytes()).hexdigest() for k, v in starts.items()}
     pools = {e: warmstart_pools(starts[e]) for e in envs}
-    opts = {"threads": threads, "lr": a.lr, "minibatch_prompts": a.minibatch_prompts, "rl_split": a.rl_split,
+    opts = {"threads": threads, "lr": {e: a.lr or LR[e] for e in envs}, "minibatch_prompts": a.minibatch_prompts, "rl_split": a.rl_split,
             "max_new_tokens": {e: a.max_new_tokens or MAX_NEW_TOKENS[e] for e in envs}, "progress": True}
 
     def meta_now(done_rows: list[dict], **extra: Any) -> dict:

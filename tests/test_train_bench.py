@@ -312,3 +312,28 @@ def test_quick_path_end_to_end_in_parallel_with_curves(tmp_path, one_torch_threa
     for key in ("test_scores", "tokens_per_prompt", "train_reward", "tool_calls_per_prompt"):
         assert again[key] == g4[key], key
     assert again["curve"] == []
+
+
+def test_study_shares_one_budget_between_the_pilots_envs(tmp_path):
+    """`--study` re-derives seeds and test questions for all its envs together from the pilots'
+    components and costs (`design_study`), and refuses the result when over --max-minutes."""
+    from treegym.train import bench, stats
+
+    qa, web = bench.QA_ENV, bench.WEB_ENV
+    comps = {qa: stats.Components(seed=0.0, question=0.0, resid=0.1, n_seeds=3, n_questions=800),
+             web: stats.Components(seed=2e-5, question=0.0, resid=0.15, n_seeds=3, n_questions=400)}
+    costs = {qa: {"train_s": 0.03, "eval_s": 0.013}, web: {"train_s": 0.1, "eval_s": 0.065}}
+    settings = {qa: (8, 40), web: (8, 40)}
+    small = bench.design_study(settings, comps, costs, cpu_minutes=60, curve_n=200)
+    large = bench.design_study(settings, comps, costs, cpu_minutes=240, curve_n=200)
+    for d in (small, large):
+        assert sum(d[e]["cpu_minutes"] for e in d) <= (60 if d is small else 240)
+    assert max(d["expected_half_width"] for d in large.values()) < max(d["expected_half_width"] for d in small.values())
+    assert large[web]["seeds"] >= small[web]["seeds"] and large[qa]["curve_every"] == 10
+    for e, f in ((qa, "p_qa.json"), (web, "p_web.json")):
+        (tmp_path / f).write_text(json.dumps({"design": {e: large[e]}, "costs": {e: costs[e]}}))
+    with pytest.raises(SystemExit, match="over --max-minutes 1"):
+        bench.cli_main(["--study", "--env", qa, web, "--design", str(tmp_path / "p_qa.json"), str(tmp_path / "p_web.json"),
+                        "--max-minutes", "1", "--out", str(tmp_path / "never")])
+    with pytest.raises(SystemExit, match="no pilot design for TreeWebAgent-v0"):
+        bench.cli_main(["--study", "--env", qa, web, "--design", str(tmp_path / "p_qa.json"), "--out", str(tmp_path / "x")])

@@ -522,6 +522,17 @@ def write_results(out: Path, rows: list[dict], meta: dict, stem: str | None = No
              + (f" · {meta['cpu_minutes']:.0f} CPU-minutes, {meta['wall_s'] / 60:.0f} wall minutes on "
                 f"{meta.get('jobs', 1)} worker(s)" if "cpu_minutes" in meta else ""), ""]
     envs = list(dict.fromkeys(a["env"] for a in agg))
+    plan = meta.get("plan") or {}
+    if len(plan) > 1:  # each env's own design
+        lines += [f"- {e}: {p['steps']} RL steps × {p['prompts']} prompts, {p['seeds']} seeds, greedy on "
+                  f"{p['test_n']} test questions, learning curve every {p.get('curve_every', 0)} steps on "
+                  f"{p['curve_n']}" for e, p in plan.items()]
+        lines.append("")
+    if meta.get("design"):
+        lines += [f"Design: chosen by `stats.choose_designs` from the pilots' variance components and costs for "
+                  f"{meta['study_cpu_minutes']:.0f} CPU-minutes; expected 95% half-width of a paired difference: "
+                  + ", ".join(f"{e} ±{100 * d['expected_half_width']:.2f} ({d['seeds']} seeds × {d['test_n']})"
+                              for e, d in meta["design"].items()), ""]
     for env_id in envs:
         name = HEADLINE[env_id]
         other = "F1" if name == "EM" else "EM"
@@ -684,26 +695,33 @@ def _study_part(env_id: str, c: stats.Components, costs: dict, steps: int, promp
     return stats.Part(c, train, costs[env_id]["eval_s"] / 60, len(jobs), test_pool)
 
 
+def design_study(settings: dict[str, tuple[int, int]], comps: dict[str, stats.Components], costs: dict, *,
+                 cpu_minutes: float, curve_n: int) -> dict:
+    """Seeds and test questions for every env of a study, chosen together for one budget of
+    `cpu_minutes` (SFT rows' evals included) by `stats.choose_designs`, from each env's paired
+    variance components and costs at its (prompts per step, steps) setting, for STUDY_ARMS."""
+    envs = list(settings)
+    pools = {e: len(make_env("synthetic", TEST_POOL, e).unwrapped.tasks) for e in envs}
+    parts = [_study_part(e, comps[e], costs, settings[e][1], settings[e][0], curve_n, pools[e]) for e in envs]
+    sft = sum(pools[e] * costs[e]["eval_s"] for e in envs) / 60
+    designs = stats.choose_designs(parts, target_half_width=TARGET_HALF_WIDTH, max_minutes=cpu_minutes - sft)
+    return {e: {"prompts": settings[e][0], "steps": settings[e][1], "seeds": d.seeds, "test_n": d.questions,
+                "curve_every": max(1, settings[e][1] // 4), "curve_n": min(curve_n, d.questions),
+                "expected_half_width": d.half_width, "cpu_minutes": d.minutes, "feasible": d.feasible,
+                "components": comps[e].as_dict()}
+            for e, d in zip(envs, designs)}
+
+
 def pilot_design(rows: list[dict], envs: Sequence[str], setting: tuple[int, int], costs: dict, *,
                  cpu_minutes: float, curve_n: int) -> dict:
     """The study design from a pilot's rows: each env's paired (tree - chain G4) variance
-    components at `setting`, and the seeds and test questions per env that `stats.choose_designs`
-    picks for STUDY_ARMS within `cpu_minutes` (SFT rows' evals included)."""
-    prompts, steps = setting
-    parts, comps = [], {}
+    components at `setting`, then `design_study`."""
+    comps = {}
     for env_id in envs:
         sel = [r for r in rows if r["env"] == env_id and (r["prompts"], r["steps"]) == setting]
         ya, yb = _pair_table(sel, env_id, PILOT_ARMS[1], PILOT_ARMS[0])
         comps[env_id] = stats.components([[x - y for x, y in zip(ra, rb)] for ra, rb in zip(ya, yb)])
-        pool = len(make_env("synthetic", TEST_POOL, env_id).unwrapped.tasks)
-        parts.append(_study_part(env_id, comps[env_id], costs, steps, prompts, curve_n, pool))
-    sft = sum(len(make_env("synthetic", TEST_POOL, e).unwrapped.tasks) * costs[e]["eval_s"] for e in envs) / 60
-    designs = stats.choose_designs(parts, target_half_width=TARGET_HALF_WIDTH, max_minutes=cpu_minutes - sft)
-    return {env_id: {"prompts": prompts, "steps": steps, "seeds": d.seeds, "test_n": d.questions,
-                     "curve_every": max(1, steps // 4), "curve_n": min(curve_n, d.questions),
-                     "expected_half_width": d.half_width, "cpu_minutes": d.minutes, "feasible": d.feasible,
-                     "components": comps[env_id].as_dict()}
-            for env_id, d in zip(envs, designs)}
+    return design_study({e: setting for e in envs}, comps, costs, cpu_minutes=cpu_minutes, curve_n=curve_n)
 
 
 def _meta(argv: list[str], a: argparse.Namespace, commit: str, dirty: bool | None, **extra: Any) -> dict:
@@ -816,8 +834,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="refuse, before training, a run whose estimated wall time exceeds this (0 = no limit)")
     p.add_argument("--study-minutes", type=float, default=60.0,
-                   help="--pilot: the wall minutes the designed study may take on --jobs workers (default 60: "
-                        "120 CPU-minutes on 2 cores)")
+                   help="--pilot / --study: the wall minutes the designed study may take on --jobs workers "
+                        "(default 60: 120 CPU-minutes on 2 cores); --study shares it between its envs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--name", default=None,
                    help="write benchmarks/results/NAME.{json,md,png} with the exact command, commit, "
@@ -865,6 +883,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"treegym bench --study: no pilot design for {', '.join(missing)} in "
                              f"{', '.join(map(str, pilot_files))}; run `treegym bench --pilot --env {' '.join(missing)}` "
                              f"first (or name its result file with --design)")
+        # the pilots measured each env's components and costs; one budget is shared between the envs
+        design = design_study({e: (design[e]["prompts"], design[e]["steps"]) for e in envs},
+                              {e: stats.Components(**design[e]["components"]) for e in envs}, costs,
+                              cpu_minutes=a.study_minutes * workers, curve_n=max(design[e]["curve_n"] for e in envs))
         plan = {e: {k: design[e][k] for k in ("seeds", "steps", "prompts", "test_n", "curve_n")} for e in envs}
         for e in envs:
             plan[e].update({k: v for k, v in (("seeds", a.seeds), ("steps", a.steps), ("prompts", a.prompts),
@@ -951,11 +973,13 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     if a.pilot:
         return _pilot(a, argv, envs, settings, plan, starts, out, opts, workers, log, meta_now, name)
 
+    study = {"design": design, "study_cpu_minutes": a.study_minutes * workers} if a.study else {}
+
     def on_row(done: list[dict]) -> None:  # after every run: partial results survive
-        write_results(out, rows + done, meta_now(rows + done))
+        write_results(out, rows + done, meta_now(rows + done, **study))
 
     rows += run_jobs(all_jobs, starts, out, opts, workers=workers, log=log, on_row=on_row)
-    meta = meta_now(rows)
+    meta = meta_now(rows, **study)
     md, js, png = write_results(out, rows, meta)
     if not a.no_repo_results and REPO_RESULTS.parent.is_dir():
         REPO_RESULTS.mkdir(exist_ok=True)

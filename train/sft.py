@@ -162,6 +162,10 @@ def selected_lm_loss(model: Any, ids: Any, att: Any, labels: Any) -> Any:
 # `treegym bench` reads them back from `sft_meta.json` to refuse RL prompts from a pool the warm
 # start trained on.
 TRAIN_POOL, MONITOR_POOL = "train", "dev"
+POOLS_LINE = (f"question pools: gradients from the `{TRAIN_POOL}` split's questions only (oracle transcripts, "
+              f"plus corpus passages); the `{MONITOR_POOL}` split gave the greedy dev EM above (no gradient, "
+              f"and the run stopped at its planned step or its time limit, never at a dev-chosen one); never the `test` split. "
+              f"`treegym bench` draws RL prompts from `{MONITOR_POOL}` and scores on `test`")
 
 
 def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps: int = 2000,
@@ -334,6 +338,7 @@ Used by `treegym bench` (and `make run`) as the RL starting point; {rebuild}.
   action-only, batch {meta['batch']}, lr {meta['lr']}, {meta['wall_s']:.0f} s wall on a shared 2-core
   CPU ({meta.get('torch_threads')} torch threads), {meta.get('tokens_seen', 0):,} tokens seen
 - dev EM (greedy, {50} dev tasks) at the end: {100 * meta['dev_em']:.1f}%
+- {POOLS_LINE}
 
 | phase | step | elapsed s | dev EM % |
 |---|---:|---:|---:|

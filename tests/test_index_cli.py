@@ -119,9 +119,12 @@ def test_interrupted_index_build_leaves_no_half_written_index(tmp_path):
                              "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     staging = tmp_path / ".idx.building"
     deadline = time.monotonic() + 60
-    while not (staging.is_dir() and any(staging.iterdir())):  # the build is writing
+    # Interrupt as soon as the build holds its staging directory: waiting for its first file raced
+    # with the end of the build on a loaded machine (the files come last, just before the rename),
+    # and a build that finished first tested nothing.
+    while not staging.is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode != 0

@@ -115,8 +115,11 @@ def test_interrupted_index_build_leaves_no_half_written_index(tmp_path):
     assert treegym(["index", "build", "--corpus", str(small), "--out", str(out), "--quiet"]) == 0
     before = {f.name: f.read_bytes() for f in out.iterdir()}
 
+    # A test run started in the background (nohup, `&` without job control) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the child the default.
     proc = subprocess.Popen([sys.executable, "-m", "treegym.cli", "index", "build", "--corpus", str(corpus),
-                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--out", str(out), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     staging = tmp_path / ".idx.building"
     deadline = time.monotonic() + 60
     # Interrupt as soon as the build holds its staging directory: waiting for its first file raced

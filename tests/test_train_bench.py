@@ -337,3 +337,23 @@ def test_study_shares_one_budget_between_the_pilots_envs(tmp_path):
                         "--max-minutes", "1", "--out", str(tmp_path / "never")])
     with pytest.raises(SystemExit, match="no pilot design for TreeWebAgent-v0"):
         bench.cli_main(["--study", "--env", qa, web, "--design", str(tmp_path / "p_qa.json"), "--out", str(tmp_path / "x")])
+
+
+def test_pilot_end_to_end_writes_components_costs_and_a_design(tmp_path, one_torch_thread):
+    """`treegym bench --pilot` on a tiny plan: the pair's runs, measured CPU costs, the paired
+    variance components and a design (with the command that runs it) in NAME.{md,json}."""
+    from treegym.train import bench
+
+    out = tmp_path / "pilot"
+    argv = ["--pilot", "--env", "TreeSearchQA-v0", "--steps", "2", "--prompts", "2", "--seeds", "2",
+            "--test-n", "10", "--jobs", "1", "--threads", "1", "--out", str(out), "--no-repo-results", "--name", "p"]
+    assert bench.cli_main(argv) == 0
+    data = json.loads((out / "p.json").read_text())
+    assert [(r["method"], r["seed"]) for r in data["rows"]] == [("chain", 0), ("tree_grpo", 0), ("chain", 1), ("tree_grpo", 1)]
+    assert data["costs"]["TreeSearchQA-v0"]["train_s"] > 0 and data["costs"]["TreeSearchQA-v0"]["eval_s"] > 0
+    d = data["design"]["TreeSearchQA-v0"]
+    assert (d["prompts"], d["steps"]) == (2, 2) and d["seeds"] >= 2 and d["components"]["n_seeds"] == 2
+    assert data["study_command"].startswith("treegym bench --study --env TreeSearchQA-v0 --design")
+    assert "## The design" in (out / "p.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.cli_main(["--pilot", "--arms", "G4", "--out", str(tmp_path / "never")])

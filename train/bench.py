@@ -60,7 +60,7 @@ from treegym.envs.data import resolve_dataset
 from treegym.train import stats
 from treegym.train.config import TrainConfig
 from treegym.train.evaluate import make_env, run_episodes, select_tasks, summarize
-from treegym.train.sft import MONITOR_POOL, TRAIN_POOL, WARMSTART_DIR, run_sft
+from treegym.train.sft import SFT_POOLS, WARMSTART_DIR, run_sft
 from treegym.train.trainer import Trainer
 
 QA_ENV, WEB_ENV = "TreeSearchQA-v0", "TreeWebAgent-v0"
@@ -206,27 +206,25 @@ def warm_start(out: Path, *, from_scratch: bool, sft_kwargs: dict, log: Any,
 
 def warmstart_pools(where: Path | None) -> dict | None:
     """The pools a warm start touched, from its `sft_meta.json` (None: not a `treegym sft` warm
-    start, pools unknown). Warm starts older than the record trained on TRAIN_POOL and monitored
-    on MONITOR_POOL: `run_sft` has read no other split."""
+    start, pools unknown). Warm starts older than the record have SFT_POOLS: `run_sft` has read
+    no other split."""
     meta_path = Path(where) / "sft_meta.json" if where is not None else None
     if meta_path is None or not meta_path.is_file():
         return None
-    return json.loads(meta_path.read_text()).get("pools") or {"trained_on": [TRAIN_POOL],
-                                                             "monitored_on": [MONITOR_POOL]}
+    return json.loads(meta_path.read_text()).get("pools") or SFT_POOLS
 
 
 def check_pools(rl_split: str, starts: dict[str, Path | None], *, steps: int, prompts: int) -> dict:
     """Refuse, before anything trains, RL prompts from the test pool, from a pool a warm start
     trained on, or from a pool so small that a prompt would repeat within a run (the trainer draws
     a seeded permutation per epoch). `starts[env] = None` is a warm start still to be built by
-    `treegym sft` (TRAIN_POOL). Returns each env's warm-start pools for the results' metadata."""
+    `treegym sft` (SFT_POOLS). Returns each env's warm-start pools for the results' metadata."""
     if rl_split == TEST_POOL:
         raise SystemExit(f"treegym bench: --rl-split {TEST_POOL}: the test questions score every arm; "
                          f"RL prompts must come from another pool (use --rl-split {RL_POOL})")
     pools = {}
     for env_id, where in starts.items():
-        seen = warmstart_pools(where) if where is not None else {"trained_on": [TRAIN_POOL],
-                                                                  "monitored_on": [MONITOR_POOL]}
+        seen = warmstart_pools(where) if where is not None else SFT_POOLS
         pools[env_id] = seen
         if seen is not None and rl_split in seen["trained_on"]:
             raise SystemExit(f"treegym bench: --rl-split {rl_split}: the {env_id} warm start ({where or 'to be built'}) "
@@ -294,6 +292,11 @@ class Job:
         c = costs[self.env_id]
         train = self.steps * self.prompts * (self.arm.budget + PROMPT_OVERHEAD) * c["train_s"]
         return train + (self.test_n + self.curve_points * self.curve_n) * c["eval_s"]
+
+
+def default_curve_every(steps: int) -> int:
+    """A study's learning-curve spacing: a point after every quarter of the run."""
+    return max(1, steps // 4)
 
 
 def curve_steps(steps: int, every: int) -> list[int]:
@@ -495,7 +498,7 @@ def _agg(rows: list[dict]) -> list[dict]:
                     "em_mean": statistics.fmean(ems), "em_std": statistics.stdev(ems) if len(ems) > 1 else 0.0,
                     "f1_mean": statistics.fmean(f1s), "f1_std": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
                     "interval": ci,
-                    **{k: statistics.fmean(r.get(k, 0.0) for r in rs) for k in
+                    **{k: statistics.fmean(r[k] for r in rs) for k in
                        ("tokens_per_prompt", "tool_calls_per_prompt", "rollout_s", "update_s", "wall_s")}})
     return out
 
@@ -690,7 +693,7 @@ def _pair_table(rows: list[dict], env_id: str, a: Arm, b: Arm) -> tuple[list, li
 def _study_part(env_id: str, c: stats.Components, costs: dict, steps: int, prompts: int, curve_n: int,
                 test_pool: int) -> stats.Part:
     """An env's share of the study for `stats.choose_designs`, in CPU-minutes."""
-    jobs = [Job(env_id, arm, 0, steps, prompts, 0, max(1, steps // 4), curve_n) for arm in STUDY_ARMS[env_id]]
+    jobs = [Job(env_id, arm, 0, steps, prompts, 0, default_curve_every(steps), curve_n) for arm in STUDY_ARMS[env_id]]
     train = statistics.fmean(j.cpu_seconds(costs) for j in jobs) / 60
     return stats.Part(c, train, costs[env_id]["eval_s"] / 60, len(jobs), test_pool)
 
@@ -706,7 +709,7 @@ def design_study(settings: dict[str, tuple[int, int]], comps: dict[str, stats.Co
     sft = sum(pools[e] * costs[e]["eval_s"] for e in envs) / 60
     designs = stats.choose_designs(parts, target_half_width=TARGET_HALF_WIDTH, max_minutes=cpu_minutes - sft)
     return {e: {"prompts": settings[e][0], "steps": settings[e][1], "seeds": d.seeds, "test_n": d.questions,
-                "curve_every": max(1, settings[e][1] // 4), "curve_n": min(curve_n, d.questions),
+                "curve_every": default_curve_every(settings[e][1]), "curve_n": min(curve_n, d.questions),
                 "expected_half_width": d.half_width, "cpu_minutes": d.minutes, "feasible": d.feasible,
                 "components": comps[e].as_dict()}
             for e, d in zip(envs, designs)}
@@ -719,8 +722,7 @@ def pilot_design(rows: list[dict], envs: Sequence[str], setting: tuple[int, int]
     comps = {}
     for env_id in envs:
         sel = [r for r in rows if r["env"] == env_id and (r["prompts"], r["steps"]) == setting]
-        ya, yb = _pair_table(sel, env_id, PILOT_ARMS[1], PILOT_ARMS[0])
-        comps[env_id] = stats.components([[x - y for x, y in zip(ra, rb)] for ra, rb in zip(ya, yb)])
+        comps[env_id] = stats.paired(*_pair_table(sel, env_id, PILOT_ARMS[1], PILOT_ARMS[0])).components
     return design_study({e: setting for e in envs}, comps, costs, cpu_minutes=cpu_minutes, curve_n=curve_n)
 
 
@@ -848,6 +850,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                       else "bench_full")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         p.error(f"--name {name!r}: use letters, digits, '_', '-' and '.' only (it names files in {REPO_RESULTS})")
+    if a.pilot and a.arms:
+        p.error("--pilot runs its own pair (chain G4, Tree-GRPO M2N2L1); --arms does not apply")
     if (a.jobs is not None and a.jobs < 1) or a.threads < 1:
         p.error("--jobs and --threads must be >= 1")
     commit, dirty = _git_commit(), _git_dirty()  # of the code that runs, read before it does
@@ -896,7 +900,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                     "prompts": knob(a.prompts, 8), "curve_n": knob(a.curve_n, 100 if a.quick else 200),
                     "test_n": knob(a.test_n, 400 if a.quick else PILOT_TEST_N[e] if a.pilot else 800)} for e in envs}
     for e in envs:
-        every = a.curve_every if a.curve_every is not None else (0 if a.pilot else max(1, plan[e]["steps"] // 4))
+        every = a.curve_every if a.curve_every is not None else (0 if a.pilot else default_curve_every(plan[e]["steps"]))
         plan[e]["curve_every"] = every
         plan[e]["curve_n"] = min(plan[e]["curve_n"], plan[e]["test_n"])
     settings = PILOT_SETTINGS if a.pilot and a.steps is None and a.prompts is None \
@@ -911,7 +915,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                     for seed in range(pe["seeds"]) for arm in arms[e]]
         return sorted(out, key=lambda j: j.seed)  # seed-major: partial results cover every arm
 
-    if a.pilot:  # QA tries every setting; the other envs run the one QA chooses (estimated as the dearest)
+    if a.pilot:  # the first env tries every setting; the others run the one it chooses (estimated at the first)
         first = [envs[0]]
         all_jobs = [j for s in settings for j in jobs_for(first, s)] + jobs_for(envs[1:], settings[0])
     else:
@@ -971,7 +975,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
                      wall_s=time.perf_counter() - t_start, cpu_minutes=cpu / 60, **extra)
 
     if a.pilot:
-        return _pilot(a, argv, envs, settings, plan, starts, out, opts, workers, log, meta_now, name)
+        return _pilot(a, envs, settings, jobs_for, starts, out, opts, workers, log, meta_now, name)
 
     study = {"design": design, "study_cpu_minutes": a.study_minutes * workers} if a.study else {}
 
@@ -992,21 +996,15 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _pilot(a: argparse.Namespace, argv: list[str], envs: list[str], settings: Sequence[tuple[int, int]],
-           plan: dict, starts: dict, out: Path, opts: dict, workers: int, log: Any, meta_now: Any,
-           name: str) -> int:
+def _pilot(a: argparse.Namespace, envs: list[str], settings: Sequence[tuple[int, int]], jobs_for: Any,
+           starts: dict, out: Path, opts: dict, workers: int, log: Any, meta_now: Any, name: str) -> int:
     """`--pilot`: the matched-budget pair at each setting on the first env, the chosen setting on
     the others; then costs, variance components and the study design (`pilot_design`)."""
     budget = a.study_minutes * workers  # CPU-minutes for the study
     rows: list[dict] = []
 
-    def jobs(env_id: str, setting: tuple[int, int]) -> list[Job]:
-        pe = plan[env_id]
-        return [Job(env_id, arm, seed, setting[1], setting[0], pe["test_n"], 0, 0)
-                for seed in range(pe["seeds"]) for arm in PILOT_ARMS]
-
     first = envs[0]
-    rows += run_jobs([j for s in settings for j in jobs(first, s)], starts, out, opts, workers=workers, log=log)
+    rows += run_jobs([j for s in settings for j in jobs_for([first], s)], starts, out, opts, workers=workers, log=log)
     costs = _costs_from(rows)
     curve_n = a.curve_n or 200
     by_setting = {s: pilot_design(rows, [first], s, costs, cpu_minutes=budget / len(envs), curve_n=curve_n)[first]
@@ -1015,7 +1013,7 @@ def _pilot(a: argparse.Namespace, argv: list[str], envs: list[str], settings: Se
                                           by_setting[s]["cpu_minutes"]))
     log(f"setting: {chosen[0]} prompts x {chosen[1]} steps")
     if envs[1:]:
-        rows += run_jobs([j for e in envs[1:] for j in jobs(e, chosen)], starts, out, opts, workers=workers, log=log)
+        rows += run_jobs(jobs_for(envs[1:], chosen), starts, out, opts, workers=workers, log=log)
         costs = _costs_from(rows)
     design = pilot_design(rows, envs, chosen, costs, cpu_minutes=budget, curve_n=curve_n)
     study_cmd = shlex.join(["treegym", "bench", "--study", "--env", *envs, "--design",

@@ -162,6 +162,7 @@ def selected_lm_loss(model: Any, ids: Any, att: Any, labels: Any) -> Any:
 # `treegym bench` reads them back from `sft_meta.json` to refuse RL prompts from a pool the warm
 # start trained on.
 TRAIN_POOL, MONITOR_POOL = "train", "dev"
+SFT_POOLS = {"trained_on": [TRAIN_POOL], "monitored_on": [MONITOR_POOL]}  # what `sft_meta.json` records
 POOLS_LINE = (f"question pools: gradients from the `{TRAIN_POOL}` split's questions only (oracle transcripts, "
               f"plus corpus passages); the `{MONITOR_POOL}` split gave the greedy dev EM above (no gradient, "
               f"and the run stopped at its planned step or its time limit, never at a dev-chosen one); never the `test` split. "
@@ -219,7 +220,7 @@ def run_sft(dataset: Any, out: Path, *, model_dir: Path | None = None, lm_steps:
     meta: dict[str, Any] = {"command": command, "env": env_id, "params": params, "seed": seed, "batch": batch,
                             "lr": lr, "lm_steps_planned": lm_steps, "act_steps_planned": act_steps,
                             "mean_transcript_tokens": sum(lens) / len(lens), "evals": [],
-                            "pools": {"trained_on": [TRAIN_POOL], "monitored_on": [MONITOR_POOL]}}
+                            "pools": SFT_POOLS}
     rng = random.Random(seed)
     pad = policy.pad_id
     deadline = t_start + max_minutes * 60 if max_minutes > 0 else float("inf")
